@@ -1,0 +1,1 @@
+"""Controllers for diffgym's environments: BPTT through the simulator beside RL baselines."""

@@ -1,0 +1,230 @@
+"""The functional core: pytree dataclasses, spaces and the gymnax-compatible base environment.
+
+An environment is a handful of pure functions over two frozen pytree dataclasses, ``EnvState``
+(what evolves) and ``EnvParams`` (independent physical constants). Nothing here holds mutable
+state, so every method composes with ``jit``, ``vmap``, ``lax.scan``, ``grad`` and ``jacfwd``.
+The signatures follow gymnax 1.x, so a trainer written for gymnax runs on diffgym unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from typing import Any, Generic, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def pytree_dataclass(cls):
+    """Make ``cls`` a frozen dataclass whose fields are all pytree leaves.
+
+    ``dataclasses.replace`` works on the result, and a batch of them (one leading axis on every
+    field) can be built with ``jax.tree.map`` and consumed with ``jax.vmap``.
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls)
+
+
+@pytree_dataclass
+class EnvState:
+    time: jax.Array
+
+
+@pytree_dataclass
+class EnvParams:
+    max_steps_in_episode: int = 1
+
+
+TState = TypeVar("TState", bound=EnvState)
+TParams = TypeVar("TParams", bound=EnvParams)
+
+
+# --------------------------------------------------------------------------------------------
+# Spaces (the subset of gymnax's spaces that trainers use: sample, contains, shape, n, low/high)
+# --------------------------------------------------------------------------------------------
+class Discrete:
+    """Integers ``0 .. n-1``."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.shape: tuple[int, ...] = ()
+        self.dtype = jnp.int32
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        return jax.random.randint(key, (), 0, self.n, dtype=self.dtype)
+
+    def contains(self, x) -> jax.Array:
+        return jnp.logical_and(x >= 0, x < self.n)
+
+    def __repr__(self) -> str:
+        return f"Discrete({self.n})"
+
+
+class Box:
+    """A box ``low <= x <= high`` of the given shape (bounds broadcast to it)."""
+
+    def __init__(self, low, high, shape: tuple[int, ...], dtype=jnp.float32):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.low = jnp.broadcast_to(jnp.asarray(low, dtype), self.shape)
+        self.high = jnp.broadcast_to(jnp.asarray(high, dtype), self.shape)
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        # Infinite bounds are sampled as a unit normal, as gymnasium does for unbounded boxes.
+        finite = jnp.isfinite(self.low) & jnp.isfinite(self.high)
+        uniform = jax.random.uniform(
+            key, self.shape, self.dtype, jnp.where(finite, self.low, 0.0), jnp.where(finite, self.high, 1.0)
+        )
+        normal = jax.random.normal(key, self.shape, self.dtype)
+        return jnp.where(finite, uniform, normal)
+
+    def contains(self, x) -> jax.Array:
+        x = jnp.asarray(x)
+        return jnp.all(jnp.logical_and(x >= self.low, x <= self.high))
+
+    def __repr__(self) -> str:
+        return f"Box(low={np.asarray(self.low)}, high={np.asarray(self.high)}, shape={self.shape})"
+
+
+# --------------------------------------------------------------------------------------------
+# Base environment
+# --------------------------------------------------------------------------------------------
+class Environment(Generic[TState, TParams]):
+    """Base class of diffgym's functional environments (gymnax 1.x API).
+
+    Subclasses implement ``step_env``, ``reset_env``, ``get_obs``, ``is_terminated``,
+    ``default_params``, ``action_space`` and ``observation_space``. The public ``step`` adds
+    time-limit truncation and auto-reset.
+
+    Gradients: ``step`` selects the reset state where an episode ended, so the returned state and
+    observation carry no gradient to the pre-reset state there (``info["final_observation"]``
+    does). ``step_env`` never stops gradients.
+    """
+
+    #: Whether ``step_env`` ignores its key. Such envs use the whole ``step`` key for the auto-reset
+    #: draw instead of splitting it, which saves one RNG call per step (a large share of the cost of
+    #: a small env's step).
+    deterministic_transition: bool = False
+    render_fps: int = 30
+
+    @property
+    def default_params(self) -> TParams:
+        raise NotImplementedError
+
+    def step(
+        self, key: jax.Array, state: TState, action, params: TParams | None = None
+    ) -> tuple[jax.Array, TState, jax.Array, jax.Array, jax.Array, dict[str, Any]]:
+        """One transition with truncation and auto-reset.
+
+        Returns ``(obs, state, reward, terminated, truncated, info)``; where the episode ended
+        (``terminated | truncated``) ``obs`` and ``state`` are a fresh reset and the last
+        observation of the finished episode is ``info["final_observation"]``.
+        """
+        if params is None:
+            params = self.default_params
+        if self.deterministic_transition:
+            key_step = key_reset = key
+        else:
+            key_step, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, terminated, info = self.step_env(key_step, state, action, params)
+        truncated = self.is_truncated(state_st, params)
+        done = jnp.logical_or(terminated, truncated)
+        obs_re, state_re = self.reset_env(key_reset, params)
+        state = jax.tree.map(lambda r, s: jnp.where(done, r, s), state_re, state_st)
+        obs = jax.tree.map(lambda r, s: jnp.where(done, r, s), obs_re, obs_st)
+        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs_st}
+        return obs, state, reward, terminated, truncated, info
+
+    def reset(self, key: jax.Array, params: TParams | None = None) -> tuple[jax.Array, TState]:
+        """Draw an initial state; returns ``(obs, state)``."""
+        if params is None:
+            params = self.default_params
+        return self.reset_env(key, params)
+
+    def step_env(self, key: jax.Array, state: TState, action, params: TParams):
+        """The transition without auto-reset: ``(obs, state, reward, terminated, info)``."""
+        raise NotImplementedError
+
+    def reset_env(self, key: jax.Array, params: TParams) -> tuple[jax.Array, TState]:
+        raise NotImplementedError
+
+    def get_obs(self, state: TState, params: TParams | None = None, key=None) -> jax.Array:
+        raise NotImplementedError
+
+    def is_terminated(self, state: TState, params: TParams) -> jax.Array:
+        raise NotImplementedError
+
+    def is_truncated(self, state: TState, params: TParams) -> jax.Array:
+        return state.time >= params.max_steps_in_episode
+
+    def is_terminal(self, state: TState, params: TParams) -> jax.Array:
+        """gymnax's name for ``is_terminated``."""
+        return self.is_terminated(state, params)
+
+    def discount(self, state: TState, params: TParams) -> jax.Array:
+        return jnp.where(self.is_terminated(state, params), 0.0, 1.0)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def num_actions(self) -> int:
+        raise NotImplementedError
+
+    def action_space(self, params: TParams | None = None):
+        raise NotImplementedError
+
+    def observation_space(self, params: TParams | None = None):
+        raise NotImplementedError
+
+    def renderer(self, *, width: int | None = None, height: int | None = None):
+        """A pygame renderer with ``frames(state, params) -> list[np.ndarray]`` (see ``diffgym.render``)."""
+        raise NotImplementedError(f"{self.name} has no renderer")
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, str] = {
+    "CartPole-v1": "diffgym.envs.cartpole:CartPole",
+    "Pendulum-v1": "diffgym.envs.pendulum:Pendulum",
+    "Trebuchet-v0": "diffgym.envs.trebuchet:Trebuchet",
+}
+
+#: Short names accepted wherever an env id is (the CLI's ``--env cartpole``).
+ALIASES: dict[str, str] = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "trebuchet": "Trebuchet-v0"}
+
+
+def registered_envs() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def resolve_env_id(name: str) -> str:
+    """Map a short name or an id (``diffgym/`` prefix allowed) to a registered id, or raise.
+
+    The error lists the known ids and suggests the closest match.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"env id must be a string, got {name!r} of type {type(name).__name__}")
+    bare = name.removeprefix("diffgym/")
+    if bare in _REGISTRY:
+        return bare
+    if bare.lower() in ALIASES:
+        return ALIASES[bare.lower()]
+    known = list(_REGISTRY) + list(ALIASES)
+    close = difflib.get_close_matches(bare, known, n=1, cutoff=0.4) or difflib.get_close_matches(
+        bare.lower(), [k.lower() for k in known], n=1, cutoff=0.4
+    )
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown diffgym environment {name!r}.{hint} Known: {', '.join(known)}.")
+
+
+def make(name: str, **kwargs) -> tuple[Environment, EnvParams]:
+    """Create a functional environment: returns ``(env, env.default_params)``, as ``gymnax.make``."""
+    module_name, _, attr = _REGISTRY[resolve_env_id(name)].partition(":")
+    env = getattr(importlib.import_module(module_name), attr)(**kwargs)
+    return env, env.default_params

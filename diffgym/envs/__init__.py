@@ -1,0 +1,1 @@
+"""diffgym's environments, one per module."""
