@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,11 +56,11 @@ def evaluate(env_id: str, policy: Callable, *, key: jax.Array, episodes: int, pa
     """
     env, default_params = diffgym.make(env_id)
     params = default_params if params is None else params
-    return np.asarray(_evaluate(env, policy, key, episodes, params))
+    return np.asarray(_evaluate(env, policy, key, episodes, params, int(params.max_steps_in_episode)))
 
 
-def _evaluate(env, policy, key, episodes, params):
-    @jax.jit
+def _evaluate(env, policy, key, episodes, params, max_steps):
+    @eqx.filter_jit
     def run(policy, key, params):
         def episode(key):
             obs, state = env.reset(key, params)
@@ -72,7 +73,7 @@ def _evaluate(env, policy, key, episodes, params):
                 return (obs, state, alive, total), None
 
             init = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
-            (_, _, _, total), _ = jax.lax.scan(body, init, None, length=params.max_steps_in_episode)
+            (_, _, _, total), _ = jax.lax.scan(body, init, None, length=max_steps)
             return total
 
         return jax.vmap(episode)(jax.random.split(key, episodes))

@@ -158,11 +158,12 @@ def load_policy(directory: str | os.PathLike) -> Callable[[np.ndarray], int | np
     ``Box`` action space.
     """
     policy, header = load_policy_module(directory)
-    act = jax.jit(policy)
+    weights, static = eqx.partition(policy, eqx.is_array)
+    act = jax.jit(lambda weights, obs: eqx.combine(weights, static)(obs))
     discrete = policy.kind == "bernoulli"
 
     def act_numpy(obs: np.ndarray) -> int | np.ndarray:
-        action = np.asarray(act(jnp.asarray(obs, jnp.float32)))
+        action = np.asarray(act(weights, np.asarray(obs, np.float32)))
         return int(action) if discrete else action.astype(np.float32)
 
     act_numpy.env_id = header["env_id"]
