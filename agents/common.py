@@ -9,6 +9,7 @@ tests make the two agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import equinox as eqx
@@ -54,12 +55,23 @@ def evaluate(env_id: str, policy: Callable, *, key: jax.Array, episodes: int, pa
     ``policy(obs)`` must return the hard action. An episode ends at the first termination or at
     the time limit; rewards after it are not counted.
     """
-    env, default_params = diffgym.make(env_id)
-    params = default_params if params is None else params
-    return np.asarray(_evaluate(env, policy, key, episodes, params, int(params.max_steps_in_episode)))
+    env_id = diffgym.resolve_env_id(env_id)
+    params = _env(env_id).default_params if params is None else params
+    run = _evaluator(env_id, int(episodes), int(params.max_steps_in_episode))
+    return np.asarray(run(policy, key, params))
 
 
-def _evaluate(env, policy, key, episodes, params, max_steps):
+@functools.lru_cache(maxsize=None)
+def _env(env_id: str):
+    return diffgym.make(env_id)[0]
+
+
+# Cached per (env, episodes, horizon): a fresh jitted closure per call would recompile every
+# evaluation (about 2 s each for CartPole), which dominates a learning curve's cost.
+@functools.lru_cache(maxsize=None)
+def _evaluator(env_id: str, episodes: int, max_steps: int):
+    env = _env(env_id)
+
     @eqx.filter_jit
     def run(policy, key, params):
         def episode(key):
@@ -78,7 +90,7 @@ def _evaluate(env, policy, key, episodes, params, max_steps):
 
         return jax.vmap(episode)(jax.random.split(key, episodes))
 
-    return run(policy, key, params)
+    return run
 
 
 def evaluate_gymnasium(
