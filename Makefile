@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Trains from scratch (no bundled weights), then plays the result: in a pygame window when there
+# is a display, else headless into runs/demo/cartpole.gif.
 demo: $(STAMP)
-	$(BIN)/python -m diffgym.demo
+	$(BIN)/train-controller --env cartpole --algo bptt --seed 0 --out runs/demo
+	@if $(BIN)/python -c "import sys, agents.play as p; sys.exit(not p.display_available())"; then \
+		$(BIN)/train-controller play --policy runs/demo --episodes 3; \
+	else \
+		echo "No display found: recording the controller to runs/demo/cartpole.gif instead."; \
+		$(BIN)/train-controller play --policy runs/demo --episodes 1 --record runs/demo/cartpole.gif; \
+	fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -n 2 -q

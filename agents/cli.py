@@ -1,0 +1,446 @@
+"""``train-controller``: train a controller, watch it play, compare trainers.
+
+::
+
+    train-controller --env cartpole --algo bptt --seed 0 --out runs/cartpole
+    train-controller --env pendulum --algo ppo --config.lr 3e-4
+    train-controller play --env pendulum [--policy DIR] [--record out.gif] [--episodes N]
+    train-controller compare --env cartpole --seeds 3 --out runs/compare
+
+Training writes ``DIR/policy.json`` + ``DIR/policy.eqx`` (load with ``agents.load_policy(DIR)``)
+and ``DIR/metrics.json``; the returns it reports come from the gymnasium env with hard actions
+and the true reward. Every hyper-parameter lives in the algorithm's config dataclass
+(``agents.bptt.BPTTConfig``, ``agents.ppo.PPOConfig``); the CLI exposes each field as
+``--config.<field>``, and ``run_training`` takes the same dataclass from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
+
+import numpy as np
+
+import diffgym
+
+PROG = "train-controller"
+
+#: The trainer behind each ``--algo``: a module with ``default_config(env_id)`` and
+#: ``train(env_id, config, *, seed, progress_fn, render_fn) -> TrainResult``.
+ALGORITHMS: dict[str, str] = {"bptt": "agents.bptt", "ppo": "agents.ppo"}
+
+#: Episodes of the gymnasium env behind ``eval_return_mean``/``eval_return_std``, per env.
+EVAL_EPISODES: dict[str, int] = {"CartPole-v1": 20, "Pendulum-v1": 100, "Trebuchet-v0": 1000}
+
+#: Evaluation episode ``k`` of a run with seed ``s`` resets with seed ``EVAL_SEED_OFFSET + 1000 s + k``:
+#: episodes the trainer never drew its own starts from, and the same ones for every algorithm.
+EVAL_SEED_OFFSET = 1_000_000
+
+ConfigT = TypeVar("ConfigT")
+
+
+class UsageError(Exception):
+    """A bad flag or argument: reported as ``train-controller: error: ...`` with exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Argument dataclasses (tyro turns each into a parser; their docstrings are the --help text)
+# --------------------------------------------------------------------------------------------
+_TRAIN_DESCRIPTION = """Train a controller and write DIR/policy.{json,eqx} and DIR/metrics.json.
+
+Other commands: `train-controller play --help` (watch a controller, or record a GIF) and
+`train-controller compare --help` (BPTT against the RL baselines over several seeds).
+The --config.* options are those of the chosen --algo and --env: see
+`train-controller --env pendulum --algo ppo --help`."""
+
+
+@dataclasses.dataclass
+class TrainArgs(Generic[ConfigT]):
+    env: str
+    """Environment: cartpole, pendulum, trebuchet, or an id (CartPole-v1, diffgym/CartPole-v1)."""
+    config: ConfigT
+    """Hyper-parameters of the chosen algorithm (defaults tuned per env)."""
+    algo: str = "bptt"
+    """Training algorithm: bptt (backpropagation through time) or ppo."""
+    seed: int = 0
+    """Random seed (a non-negative integer): network initialisation and training rollouts."""
+    out: Path | None = None
+    """Output folder for the checkpoint and metrics.json (default: runs/<env>-<algo>-seed<seed>)."""
+    eval_episodes: int | None = None
+    """Gymnasium episodes for the final evaluation (default: 20 CartPole, 100 Pendulum, 1000 Trebuchet)."""
+    render: bool = False
+    """Show rollouts of the current policy in a pygame window while it trains."""
+    progress: bool = True
+    """Show a progress bar with the current loss and return."""
+
+
+@dataclasses.dataclass
+class PlayArgs:
+    """Run a controller live in a pygame window, or record it headless to a GIF.
+
+    Without --policy, plays the controller bundled in assets/<env>/ (no training needed)."""
+
+    env: str | None = None
+    """Environment (cartpole, pendulum, trebuchet or an id); optional when --policy is given."""
+    policy: Path | None = None
+    """Checkpoint folder written by `train-controller --out DIR` (default: the bundled controller)."""
+    record: Path | None = None
+    """Record to this .gif (or .mp4 when imageio-ffmpeg is installed) instead of opening a window."""
+    episodes: int | None = None
+    """Episodes to play (default: until the window is closed; 1 when recording)."""
+    seed: int = 0
+    """Episode k starts from the reset with seed (seed + k)."""
+    max_steps: int | None = None
+    """Cut each episode after this many steps (default: the env's own time limit)."""
+
+
+@dataclasses.dataclass
+class CompareArgs:
+    """Train BPTT and the RL baselines on one env over several seeds; write the learning curves,
+    a summary table and plots to --out."""
+
+    env: str
+    """Environment: cartpole, pendulum (or an id)."""
+    seeds: int = 3
+    """Number of seeds per algorithm (seeds 0 .. N-1)."""
+    out: Path = Path("runs/compare")
+    """Output folder for the results and plots."""
+
+
+# --------------------------------------------------------------------------------------------
+# Training, callable from Python
+# --------------------------------------------------------------------------------------------
+def algorithm_module(algo: str, env_id: str):
+    """The trainer module for ``algo`` on ``env_id`` (imported lazily; a UsageError if none)."""
+    if algo not in ALGORITHMS:
+        raise UsageError(f"unknown --algo {algo!r}; choose one of: {', '.join(ALGORITHMS)}")
+    module_name = ALGORITHMS[algo]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        raise UsageError(f"--algo {algo} is not available in this checkout ({module_name} is missing)") from None
+
+
+def default_config(env_id: str, algo: str):
+    """The algorithm's config dataclass with its defaults for ``env_id``."""
+    env_id = _resolve_env(env_id)
+    return _default_config(algorithm_module(algo, env_id), algo, env_id)
+
+
+def _default_config(module, algo: str, env_id: str):
+    try:
+        return module.default_config(env_id)
+    except ValueError as error:  # the trainer does not handle this env
+        raise UsageError(f"--algo {algo} cannot train {env_id}: {error}") from None
+
+
+def run_training(
+    env: str,
+    algo: str = "bptt",
+    *,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    config: Any = None,
+    eval_episodes: int | None = None,
+    render: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train, checkpoint, evaluate on gymnasium, write ``metrics.json``; returns the metrics.
+
+    Args:
+        env: env name or id.
+        algo: ``"bptt"`` or ``"ppo"``.
+        seed: non-negative training seed.
+        out: output folder (default ``runs/<env>-<algo>-seed<seed>``).
+        config: the algorithm's config dataclass (default: ``default_config(env, algo)``).
+        eval_episodes: gymnasium evaluation episodes (default ``EVAL_EPISODES[env_id]``).
+        render: show rollouts of the improving policy in a pygame window.
+        progress: show a tqdm progress bar.
+
+    The checkpoint is written before ``metrics.json``, each atomically: a folder holding
+    ``metrics.json`` holds the complete run.
+    """
+    env_id = _resolve_env(env)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
+    episodes = EVAL_EPISODES.get(env_id, 100) if eval_episodes is None else eval_episodes
+    if episodes < 1:
+        raise UsageError(f"--eval-episodes must be at least 1, got {episodes}")
+    module = algorithm_module(algo, env_id)
+    if config is None:
+        config = _default_config(module, algo, env_id)
+    out = Path(out) if out is not None else default_out_dir(env_id, algo, seed)
+
+    from agents.common import evaluate_gymnasium
+    from agents.policy import atomic_write_text, load_policy, save_policy
+
+    viewer = None
+    if render:
+        from agents.play import TrainingViewer
+
+        try:
+            viewer = TrainingViewer(env_id)
+        except RuntimeError as error:
+            raise UsageError(str(error)) from None
+    bar = ProgressBar(env_id, algo, config, enabled=progress)
+    render_fn = None if viewer is None else (lambda policy: viewer(policy, bar.last_info))
+    try:
+        result = module.train(env_id, config, seed=seed, progress_fn=bar, render_fn=render_fn)
+    finally:
+        bar.close()
+        if viewer is not None:
+            viewer.close()
+
+    save_policy(out, result.policy, result.spec, env_id=env_id, algo=algo, seed=seed)
+    # Evaluate the checkpoint as written, so the numbers describe what load_policy gives a user.
+    eval_seed = EVAL_SEED_OFFSET + 1000 * seed
+    eval_start = time.perf_counter()
+    returns = evaluate_gymnasium(load_policy(out), env_id, episodes=episodes, seed=eval_seed)
+    metrics = {
+        "env": env_id,
+        "algo": algo,
+        "seed": seed,
+        "env_steps": int(result.env_steps),
+        "wall_seconds": float(result.wall_seconds),
+        "compile_seconds": float(result.compile_seconds),
+        "eval_return_mean": float(np.mean(returns)),
+        "eval_return_std": float(np.std(returns)),
+        "eval_episodes": int(episodes),
+        "eval_seed": eval_seed,
+        "eval_wall_seconds": time.perf_counter() - eval_start,
+        "eval_returns": [float(r) for r in returns],
+        "curve": result.curve,
+        "config": config,
+        "config_class": f"{type(config).__module__}.{type(config).__qualname__}",
+        "extra": result.extra,
+    }
+    metrics = to_jsonable(metrics)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def default_out_dir(env_id: str, algo: str, seed: int) -> Path:
+    from agents.play import short_env_name
+
+    return Path("runs") / f"{short_env_name(env_id)}-{algo}-seed{seed}"
+
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` with dataclasses, numpy/JAX numbers and arrays, paths and tuples made JSON-safe.
+
+    Non-finite floats become ``None`` (strict JSON has no NaN).
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (str, bool)) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy and JAX arrays and scalars
+        array = np.asarray(value)
+        if array.dtype.kind in "biu":
+            return array.tolist()
+        if array.dtype.kind == "f":
+            return to_jsonable(array.tolist()) if array.ndim else to_jsonable(float(array))
+        return array.tolist()
+    return repr(value)
+
+
+class ProgressBar:
+    """A tqdm bar fed by a trainer's ``progress_fn(info)``.
+
+    Advances to ``info["env_steps"]`` out of the config's step budget when both are known, else
+    counts calls; shows the numeric entries of ``info`` (loss, returns) as the postfix.
+    """
+
+    _BUDGET_FIELDS = ("total_env_steps", "total_timesteps", "env_steps")
+    _HIDDEN = {"env_steps", "wall_seconds", "compile_seconds", "step", "iteration", "update", "updates"}
+
+    def __init__(self, env_id: str, algo: str, config: Any, *, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        total = next((getattr(config, f) for f in self._BUDGET_FIELDS if hasattr(config, f)), None)
+        self._by_steps = isinstance(total, int)
+        self._bar = tqdm(
+            total=total if self._by_steps else None,
+            desc=f"{algo} {env_id}",
+            unit=" steps" if self._by_steps else " updates",
+            unit_scale=self._by_steps,
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+        #: The latest report (shown in the --render window's caption).
+        self.last_info: dict = {}
+
+    def __call__(self, info: dict) -> None:
+        self.last_info = dict(info)
+        if self._by_steps and "env_steps" in info:
+            self._bar.update(max(0, int(info["env_steps"]) - self._bar.n))
+        elif not self._by_steps:
+            self._bar.update(1)
+        shown = {
+            k: f"{float(v):.4g}"
+            for k, v in info.items()
+            if k not in self._HIDDEN and np.ndim(v) == 0 and isinstance(_scalar(v), (int, float))
+        }
+        if shown:
+            self._bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _scalar(value):
+    try:
+        return np.asarray(value).item()
+    except (TypeError, ValueError):
+        return None
+
+
+def _resolve_env(env: str) -> str:
+    try:
+        return diffgym.resolve_env_id(env)
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+def _train_command(argv: list[str]) -> int:
+    import tyro
+
+    # --env and --algo decide which config dataclass (and defaults) --config.* refers to, so
+    # they are read first; tyro then parses everything, --help included.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--env")
+    pre.add_argument("--algo", default="bptt")
+    known, _ = pre.parse_known_args(argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    if known.env is None and not wants_help:
+        raise UsageError(
+            "--env is required (cartpole, pendulum, trebuchet or an id such as CartPole-v1); "
+            f"see `{PROG} --help`"
+        )
+    env_id = _resolve_env(known.env) if known.env is not None else "CartPole-v1"
+    module = algorithm_module(known.algo, env_id)
+    config = _default_config(module, known.algo, env_id)
+    defaults = TrainArgs(env=known.env if known.env is not None else tyro.MISSING, config=config, algo=known.algo)
+    try:
+        args = tyro.cli(
+            TrainArgs[type(config)],
+            args=argv,
+            default=defaults,
+            prog=PROG,
+            description=_TRAIN_DESCRIPTION,
+        )
+    except ValueError as error:  # a config's own validation (__post_init__) rejected a value
+        raise UsageError(str(error)) from None
+    metrics = run_training(
+        args.env,
+        args.algo,
+        seed=args.seed,
+        out=args.out,
+        config=args.config,
+        eval_episodes=args.eval_episodes,
+        render=args.render,
+        progress=args.progress,
+    )
+    out = args.out if args.out is not None else default_out_dir(metrics["env"], args.algo, args.seed)
+    print(
+        f"{metrics['env']} {args.algo} seed {args.seed}: eval return "
+        f"{metrics['eval_return_mean']:.2f} ± {metrics['eval_return_std']:.2f} over "
+        f"{metrics['eval_episodes']} gymnasium episodes; {metrics['env_steps']} env steps in "
+        f"{metrics['wall_seconds']:.1f} s ({metrics['compile_seconds']:.1f} s compiling); saved to {out}"
+    )
+    return 0
+
+
+def _play_command(argv: list[str]) -> int:
+    import tyro
+
+    from agents.play import play
+
+    args = tyro.cli(PlayArgs, args=argv, prog=f"{PROG} play")
+    if args.env is not None:
+        _resolve_env(args.env)
+    if args.episodes is not None and args.episodes < 1:
+        raise UsageError(f"--episodes must be at least 1, got {args.episodes}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    try:
+        play(
+            args.env,
+            policy_dir=args.policy,
+            episodes=args.episodes,
+            record=args.record,
+            seed=args.seed,
+            max_steps=args.max_steps,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    return 0
+
+
+def _compare_command(argv: list[str]) -> int:
+    import tyro
+
+    args = tyro.cli(CompareArgs, args=argv, prog=f"{PROG} compare")
+    env_id = _resolve_env(args.env)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    try:
+        from agents.compare import run_comparison
+    except ModuleNotFoundError as error:
+        if error.name != "agents.compare":
+            raise
+        raise UsageError("compare is not available in this checkout (agents.compare is missing)") from None
+    run_comparison(env_id, seeds=args.seeds, out_dir=args.out)
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train_command,
+    "play": _play_command,
+    "compare": _compare_command,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``train-controller``; returns (and, as a script, exits with) the status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _train_command
+    if argv and argv[0] in _COMMANDS:
+        command = _COMMANDS[argv.pop(0)]
+    try:
+        return command(argv)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

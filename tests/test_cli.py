@@ -1,0 +1,140 @@
+"""``train-controller``: an end-to-end run on a small budget, its outputs, and its error messages."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import agents
+from agents.cli import EVAL_EPISODES, main, to_jsonable
+from agents.common import evaluate_gymnasium
+from agents.policy import load_policy_module
+
+SMALL_CARTPOLE_RUN = [
+    "--env", "cartpole", "--algo", "bptt", "--seed", "0",
+    "--config.total-env-steps", "600", "--config.eval-every", "300",
+    "--eval-episodes", "3", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory):
+    """One small BPTT CartPole run through the CLI, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("cartpole-run")
+    assert main([*SMALL_CARTPOLE_RUN, "--out", str(out)]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_train_writes_metrics_with_the_requested_budget(cartpole_run):
+    out, metrics = cartpole_run
+    assert metrics["env"] == "CartPole-v1" and metrics["algo"] == "bptt" and metrics["seed"] == 0
+    # The --config.* flags reached the trainer: 600 steps, a curve point every 300.
+    assert metrics["config"]["total_env_steps"] == 600
+    assert metrics["env_steps"] == 600
+    assert [point["env_steps"] for point in metrics["curve"]] == [300, 600]
+    assert 0 <= metrics["compile_seconds"] <= metrics["wall_seconds"]
+    assert metrics["eval_episodes"] == 3 and len(metrics["eval_returns"]) == 3
+    assert metrics["eval_return_mean"] == pytest.approx(np.mean(metrics["eval_returns"]))
+    assert metrics["eval_return_std"] == pytest.approx(np.std(metrics["eval_returns"]))
+    # A uniformly random CartPole policy lasts ~22 steps; 600 steps of BPTT already do far better.
+    assert metrics["eval_return_mean"] > 60
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir()), "a temporary file was left behind"
+
+
+def test_checkpoint_reproduces_actions_and_reported_returns(cartpole_run):
+    out, metrics = cartpole_run
+    policy = agents.load_policy(out)
+    assert policy.env_id == "CartPole-v1"
+    module, header = load_policy_module(out)
+    assert header["algo"] == "bptt" and header["seed"] == 0
+    observations = np.asarray(jax.random.uniform(jax.random.key(1), (64, 4), minval=-0.3, maxval=0.3))
+    loaded_actions = [policy(obs) for obs in observations]
+    assert all(isinstance(a, int) and a in (0, 1) for a in loaded_actions)
+    assert loaded_actions == [int(module(obs)) for obs in observations]
+    assert 0 < sum(loaded_actions) < len(loaded_actions), "the controller should push both ways"
+    # The reported evaluation is exactly what a user gets from the checkpoint on gymnasium.
+    returns = evaluate_gymnasium(policy, "CartPole-v1", episodes=3, seed=metrics["eval_seed"])
+    assert returns.tolist() == metrics["eval_returns"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--env", "cartpol"], "Did you mean 'cartpole'?"),
+        (["--env", "cartpole", "--algo", "sac"], "unknown --algo 'sac'; choose one of: bptt, ppo"),
+        (["--env", "cartpole", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+        (["--env", "cartpole", "--eval-episodes", "0"], "--eval-episodes must be at least 1, got 0"),
+        (["--algo", "bptt"], "--env is required"),
+        (["play", "--env", "cartpole", "--record", "out.avi"], "extension '.avi' is not supported"),
+        (["play", "--env", "cartpole", "--episodes", "0"], "--episodes must be at least 1"),
+        (["compare", "--env", "cartpole", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    ],
+)
+def test_bad_flags_exit_nonzero_saying_what_is_wrong(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("train-controller: error:")
+
+
+def test_policy_folder_without_a_checkpoint_is_refused(tmp_path, capsys):
+    assert main(["play", "--env", "cartpole", "--policy", str(tmp_path)]) == 2
+    assert f"no policy checkpoint in {str(tmp_path)!r}" in capsys.readouterr().err
+
+
+def test_mistyped_config_value_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--env", "cartpole", "--config.learning-rate", "fast"])
+    assert exit_info.value.code != 0
+    assert "fast" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--help"], ["--env", "--algo", "--seed", "--out", "--render", "--config.learning-rate", "play --help"]),
+        (["--env", "pendulum", "--algo", "ppo", "--help"], ["--config.gae-lambda", "--config.clip-eps"]),
+        (["play", "--help"], ["--policy", "--record", "--episodes", "bundled"]),
+        (["compare", "--help"], ["--seeds", "--out"]),
+    ],
+)
+def test_help_documents_every_level(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in expected:
+        assert option in text
+
+
+def test_help_shows_the_defaults_of_the_chosen_env():
+    # tyro prints the default of each --config field: the per-env tuned values, not the class's.
+    from agents.bptt import default_config
+
+    text = subprocess.run(
+        [sys.executable, "-m", "agents.cli", "--env", "pendulum", "--help"],
+        capture_output=True, text=True, check=True, env={**_clean_env(), "COLUMNS": "200"},
+    ).stdout  # fmt: skip
+    option_help = text.split("--config.total-env-steps", 1)[1].split("--config.", 1)[0]
+    assert f"(default: {default_config('pendulum').total_env_steps})" in option_help
+    assert default_config("pendulum").total_env_steps != default_config("cartpole").total_env_steps
+
+
+def test_eval_episode_counts_follow_the_task():
+    assert EVAL_EPISODES["CartPole-v1"] == 20 and EVAL_EPISODES["Pendulum-v1"] == 100
+
+
+def test_to_jsonable_makes_strict_json():
+    value = {"a": np.float32(1.5), "b": (1, 2), "c": float("nan"), "d": np.arange(3), "e": jax.numpy.ones(2)}
+    assert json.loads(json.dumps(to_jsonable(value), allow_nan=False)) == {
+        "a": 1.5, "b": [1, 2], "c": None, "d": [0, 1, 2], "e": [1.0, 1.0],
+    }  # fmt: skip
+
+
+def _clean_env():
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
