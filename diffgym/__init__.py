@@ -11,6 +11,9 @@ Gymnasium shells, registered on import: ``gymnasium.make("diffgym/CartPole-v1")`
 
 from diffgym import discrete
 from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState, make, registered_envs, resolve_env_id
+from diffgym.gym import register_envs as _register_gymnasium_envs
+
+_register_gymnasium_envs()  # string entry points: the shells load on the first gymnasium.make
 
 __all__ = [
     "Box",
