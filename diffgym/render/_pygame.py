@@ -111,10 +111,13 @@ def arc_arrow(
 ) -> None:
     """A circular arrow around ``center`` (pixels) of ``radius`` pixels, turning as seen on screen.
 
-    Angles are screen angles in radians, counter-clockwise from the +x axis as seen on screen.
+    ``start_angle`` is where the counter-clockwise arrow starts (screen radians, counter-clockwise
+    from +x); the clockwise arrow is its mirror image about the vertical through ``center``.
     """
     if radius < 1:
         return
+    if not counterclockwise:
+        start_angle = math.pi - start_angle
     width = max(2.0, radius / 8)
     direction = 1.0 if counterclockwise else -1.0
     count = 32
