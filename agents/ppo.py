@@ -1,0 +1,562 @@
+"""Proximal Policy Optimisation (PPO) on diffgym's functional environments, fully jitted.
+
+The RL baseline beside BPTT. Same interface as ``agents.bptt``::
+
+    config = default_config("CartPole-v1")
+    result = train("CartPole-v1", config, seed=0)   # agents.common.TrainResult
+    result.policy(obs)                               # the deterministic hard action
+
+Algorithm (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), in the form of
+Stable-Baselines3's PPO so that RL-Zoo's tuned hyper-parameters carry over:
+
+* ``num_envs`` copies of the env step in parallel (``vmap``) for ``num_steps`` steps
+  (``lax.scan``) with the env's own auto-reset (``env.step``);
+* advantages by GAE(lambda) (``gae``), cut at every episode end; the value bootstrapped at a
+  time-limit truncation is the critic's value of ``info["final_observation"]`` — the state the
+  episode was cut in — and 0 only at a true termination (this matters for Pendulum, whose every
+  episode is truncated, never terminated);
+* ``num_epochs`` passes over the batch in ``num_minibatches`` shuffled minibatches of the clipped
+  surrogate objective + ``vf_coef`` x value MSE - ``ent_coef`` x entropy, per-minibatch
+  advantage normalisation, global-norm gradient clipping, Adam (eps 1e-5), optional linear
+  annealing of the learning rate and of the clip range;
+* orthogonal initialisation (gain sqrt(2) hidden, 0.01 policy head, 1 value head), separate
+  actor and critic MLPs, as SB3's ``MlpPolicy``.
+
+A chunk of ``eval_every_updates`` whole updates (collection + optimisation) is one compiled
+``lax.scan``; between chunks the current policy is evaluated with ``agents.common.evaluate``
+(deterministic hard actions, true env reward) for the learning curve, and training stops early
+once ``target_return`` is reached.
+
+Policies: the actor is an ``agents.policy.Policy`` so that checkpoints, ``load_policy`` and
+evaluation are shared with BPTT.
+
+* Discrete two-action envs (CartPole): ``kind="bernoulli"``; the raw output is the logit of
+  action 1 and the behaviour policy is ``Bernoulli(sigmoid(logit))``. The deterministic action
+  (``Policy.__call__``) is ``1[logit > 0]``, the distribution's mode.
+* Continuous envs (Pendulum, Trebuchet): ``kind="box"``; the Gaussian's mean is the Policy's
+  squashed output (always inside the box) and its standard deviation is
+  ``exp(log_std) * (high - low) / 2`` with a learned, state-independent ``log_std`` per action
+  dimension (kept in ``TrainResult.extra["log_std"]``, not in the checkpoint). Sampled actions
+  are clipped to the box before stepping; the log-probability is that of the unclipped sample
+  (as SB3 and CleanRL do). The deterministic action is the mean.
+
+The critic is not part of the returned policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import diffgym
+from agents.common import TrainResult, evaluate
+from agents.policy import Policy
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PPOConfig:
+    """PPO hyper-parameters. The defaults are RL-Zoo's tuned CartPole-v1 settings; see
+    ``default_config`` for each env's tuned values and where they come from."""
+
+    total_env_steps: int = 100_000
+    """Training budget in env steps (every step of every parallel env counts). Also the horizon
+    of the linear annealing schedules."""
+    num_envs: int = 8
+    """Parallel environments stepped with ``vmap``."""
+    num_steps: int = 32
+    """Steps per environment per update (rollout length); one update consumes
+    ``num_envs * num_steps`` env steps."""
+    num_epochs: int = 20
+    """Passes over each rollout batch."""
+    num_minibatches: int = 1
+    """Minibatches per epoch; must divide ``num_envs * num_steps``."""
+    learning_rate: float = 1e-3
+    """Adam step size (initial value when annealed)."""
+    anneal_learning_rate: bool = True
+    """Decay the learning rate linearly to 0 over ``total_env_steps`` (RL-Zoo's ``lin_``)."""
+    clip_eps: float = 0.2
+    """PPO clip range of the probability ratio (initial value when annealed)."""
+    anneal_clip_eps: bool = True
+    """Decay the clip range linearly to 0 over ``total_env_steps``."""
+    gamma: float = 0.98
+    """Discount factor."""
+    gae_lambda: float = 0.8
+    """GAE(lambda) bias/variance trade-off."""
+    vf_coef: float = 0.5
+    """Weight of the value-function mean squared error in the loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus in the loss."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    normalize_advantages: bool = True
+    """Standardise advantages within each minibatch."""
+    init_log_std: float = 0.0
+    """Continuous actions only: initial log of the Gaussian's std as a fraction of half the box
+    width (0 gives std = half the box width)."""
+    width: int = 64
+    """Hidden-layer width of the actor and of the critic."""
+    depth: int = 2
+    """Number of hidden layers of the actor and of the critic."""
+    activation: str = "tanh"
+    """Hidden activation: ``tanh``, ``relu``, ``elu`` or ``softplus`` (``agents.policy``)."""
+    eval_every_updates: int = 8
+    """Updates between two evaluations of the deterministic policy (one learning-curve point)."""
+    eval_episodes: int = 32
+    """Episodes per evaluation (functional env, run in parallel)."""
+    target_return: float | None = 475.0
+    """Stop as soon as the evaluation mean reaches this return; ``None`` spends the whole budget."""
+
+    def __post_init__(self):
+        batch = self.num_envs * self.num_steps
+        for name in ("total_env_steps", "num_envs", "num_steps", "num_epochs", "num_minibatches",
+                     "eval_every_updates", "eval_episodes"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+        if batch % self.num_minibatches:
+            raise ValueError(
+                f"PPOConfig.num_minibatches={self.num_minibatches} must divide the batch "
+                f"num_envs * num_steps = {self.num_envs} * {self.num_steps} = {batch}"
+            )
+        if self.total_env_steps < batch:
+            raise ValueError(
+                f"PPOConfig.total_env_steps={self.total_env_steps} is less than one update "
+                f"(num_envs * num_steps = {batch})"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        """Env steps per update."""
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        """Updates that fit in the budget."""
+        return self.total_env_steps // self.batch_size
+
+
+#: The return an evaluation must reach for an env to count as solved (also the early stop).
+SOLVED_RETURN: dict[str, float] = {"CartPole-v1": 475.0, "Pendulum-v1": -200.0}
+
+
+def default_config(env_id: str) -> PPOConfig:
+    """Tuned PPO settings for ``env_id`` (an id or a short name such as ``"cartpole"``).
+
+    * CartPole-v1: RL-Zoo (rl-baselines3-zoo ``hyperparams/ppo.yml``, "Tuned" CartPole-v1):
+      8 envs x 32 steps, batch 256 (one minibatch), 20 epochs, gamma 0.98, lambda 0.8,
+      learning rate ``lin_1e-3``, clip range ``lin_0.2``, no entropy bonus, 1e5 steps; SB3's
+      defaults elsewhere (value coefficient 0.5, gradient clip 0.5, 64x64 tanh networks).
+    * Pendulum-v1: RL-Zoo's tuned Pendulum-v1 PPO (4 envs x 1024 steps, gamma 0.9, lambda 0.95,
+      10 epochs, learning rate 1e-3, clip 0.2, no entropy bonus) but with 16 envs x 256 steps
+      (the same 4096 steps per update, more parallel) and a plain Gaussian instead of its gSDE
+      exploration, with the batch split into 64-sample minibatches as SB3's default.
+      The budget is 3e5 steps (RL-Zoo's: 1e5 with gSDE).
+    """
+    env_id = diffgym.resolve_env_id(env_id)
+    if env_id == "CartPole-v1":
+        return PPOConfig()
+    if env_id == "Pendulum-v1":
+        return PPOConfig(
+            total_env_steps=300_000,
+            num_envs=16,
+            num_steps=256,
+            num_epochs=10,
+            num_minibatches=64,
+            learning_rate=1e-3,
+            anneal_learning_rate=False,
+            clip_eps=0.2,
+            anneal_clip_eps=False,
+            gamma=0.9,
+            gae_lambda=0.95,
+            vf_coef=0.5,
+            ent_coef=0.0,
+            max_grad_norm=0.5,
+            init_log_std=math.log(0.5),
+            eval_every_updates=2,
+            eval_episodes=64,
+            target_return=SOLVED_RETURN["Pendulum-v1"],
+        )
+    raise ValueError(
+        f"no tuned PPO settings for {env_id!r}; known: CartPole-v1, Pendulum-v1 "
+        "(or build a PPOConfig yourself)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Generalised advantage estimation
+# --------------------------------------------------------------------------------------------
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    next_values: jax.Array,
+    terminated: jax.Array,
+    truncated: jax.Array,
+    *,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[jax.Array, jax.Array]:
+    """GAE(lambda) advantages and value targets of a time-major rollout.
+
+    Args (all shape ``(T, ...)``, time first; any trailing batch shape):
+        rewards: reward of step ``t``.
+        values: critic's value of the observation step ``t`` acted on.
+        next_values: critic's value of the observation step ``t`` led to, before any auto-reset
+            (``info["final_observation"]``); at a truncation this is the value the episode is
+            bootstrapped from.
+        terminated: step ``t`` ended the episode in a terminal state (bootstrap value 0).
+        truncated: step ``t`` ended the episode by the time limit (bootstrap from
+            ``next_values``).
+        gamma, gae_lambda: discount and GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, both shape ``(T, ...)``; ``returns = advantages + values``
+        (the critic's regression targets). The recursion
+        ``A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}``, with
+        ``delta_t = r_t + gamma * (1 - terminated_t) * next_values_t - values_t`` and
+        ``done_t = terminated_t or truncated_t``, stops at every episode end and at the end of
+        the rollout (``A_T = 0``; the last step's bootstrap is in its ``delta``).
+    """
+    not_terminated = 1.0 - jnp.asarray(terminated, values.dtype)
+    continues = 1.0 - jnp.logical_or(terminated, truncated).astype(values.dtype)
+    deltas = rewards + gamma * not_terminated * next_values - values
+
+    def backward(next_advantage, step):
+        delta, cont = step
+        advantage = delta + gamma * gae_lambda * cont * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(deltas[0]), (deltas, continues), reverse=True)
+    return advantages, advantages + values
+
+
+# --------------------------------------------------------------------------------------------
+# Actor-critic
+# --------------------------------------------------------------------------------------------
+class ActorCritic(eqx.Module):
+    """The trained networks: the actor (a shared ``Policy``), a critic MLP and the log-std."""
+
+    actor: Policy
+    critic: eqx.nn.MLP
+    log_std: jax.Array  # (action_size,), relative to half the box width; unused for bernoulli
+
+    def log_prob_entropy(self, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Log-probability of ``action`` (float, shape ``(action_size,)``) at ``obs``, and the entropy."""
+        raw = self.actor.raw(obs)
+        if self.actor.kind == "bernoulli":
+            logit = raw[0]
+            log_p1, log_p0 = jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
+            log_prob = action[0] * log_p1 + (1.0 - action[0]) * log_p0
+            p1 = jax.nn.sigmoid(logit)
+            entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0)
+            return log_prob, entropy
+        mean, std = self.actor.relaxed(obs), self._std()
+        log_prob = jnp.sum(-0.5 * ((action - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi))
+        entropy = jnp.sum(0.5 + 0.5 * math.log(2 * math.pi) + jnp.log(std))
+        return log_prob, entropy
+
+    def sample(self, key: jax.Array, obs: jax.Array) -> jax.Array:
+        """A behaviour-policy action as floats of shape ``(action_size,)`` (0./1. for bernoulli)."""
+        raw = self.actor.raw(obs)
+        if self.actor.kind == "bernoulli":
+            return jax.random.bernoulli(key, jax.nn.sigmoid(raw)).astype(raw.dtype)
+        mean = self.actor.relaxed(obs)
+        return mean + self._std() * jax.random.normal(key, mean.shape, mean.dtype)
+
+    def value(self, obs: jax.Array) -> jax.Array:
+        return self.critic(obs)
+
+    def _std(self) -> jax.Array:
+        half_width = (jnp.asarray(self.actor.high) - jnp.asarray(self.actor.low)) / 2.0
+        return jnp.exp(self.log_std) * half_width
+
+
+def _orthogonal(rng: np.random.Generator, shape: tuple[int, int], gain: float) -> np.ndarray:
+    """A (semi-)orthogonal matrix times ``gain`` (Saxe et al. 2014), drawn with numpy: a jitted
+    QR costs seconds of compilation for a once-per-run initialisation."""
+    rows, cols = shape
+    q, r = np.linalg.qr(rng.standard_normal((max(rows, cols), min(rows, cols))))
+    q = q * np.sign(np.diag(r))
+    q = q if rows >= cols else q.T
+    return (gain * q[:rows, :cols]).astype(np.float32)
+
+
+def _orthogonal_init(mlp: eqx.nn.MLP, key: jax.Array, head_gain: float) -> eqx.nn.MLP:
+    """SB3's init: orthogonal weights (gain sqrt(2) hidden, ``head_gain`` last layer), zero biases."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+    weights, biases = [], []
+    for i, layer in enumerate(mlp.layers):
+        gain = head_gain if i == len(mlp.layers) - 1 else math.sqrt(2.0)
+        weights.append(jnp.asarray(_orthogonal(rng, layer.weight.shape, gain)))
+        biases.append(jnp.zeros(layer.bias.shape, jnp.float32))
+    mlp = eqx.tree_at(lambda m: [layer.weight for layer in m.layers], mlp, weights)
+    return eqx.tree_at(lambda m: [layer.bias for layer in m.layers], mlp, biases)
+
+
+def policy_spec(env: diffgym.Environment, params, config: PPOConfig) -> dict:
+    """The ``Policy`` constructor arguments for ``env`` (what ``save_policy`` stores)."""
+    obs_size = int(np.prod(env.observation_space(params).shape))
+    space = env.action_space(params)
+    common = {"width": config.width, "depth": config.depth, "activation": config.activation}
+    if isinstance(space, diffgym.Discrete):
+        if space.n != 2:
+            raise ValueError(f"PPO's bernoulli policy handles 2 discrete actions; {env.name} has {space.n}")
+        return {"obs_size": obs_size, "action_size": 1, "kind": "bernoulli", "low": [], "high": [], **common}
+    if isinstance(space, diffgym.Box):
+        low = [float(v) for v in np.ravel(space.low)]
+        high = [float(v) for v in np.ravel(space.high)]
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise ValueError(f"PPO's box policy needs a bounded action box; {env.name} has {space}")
+        return {"obs_size": obs_size, "action_size": len(low), "kind": "box", "low": low, "high": high, **common}
+    raise TypeError(f"unsupported action space {space!r} of {env.name}; PPO handles Discrete(2) and Box")
+
+
+def init_actor_critic(spec: dict, config: PPOConfig, key: jax.Array) -> ActorCritic:
+    """Fresh networks for the policy ``spec``."""
+    key_actor, key_critic, key_actor_init, key_critic_init = jax.random.split(key, 4)
+    actor = Policy(**spec, key=key_actor)
+    actor = eqx.tree_at(lambda p: p.mlp, actor, _orthogonal_init(actor.mlp, key_actor_init, 0.01))
+    activation = {"tanh": jnp.tanh, "relu": jax.nn.relu, "elu": jax.nn.elu, "softplus": jax.nn.softplus}
+    critic = eqx.nn.MLP(
+        spec["obs_size"], "scalar", config.width, config.depth,
+        activation=activation[config.activation], key=key_critic,
+    )
+    critic = _orthogonal_init(critic, key_critic_init, 1.0)
+    log_std = jnp.full((spec["action_size"],), config.init_log_std, jnp.float32)
+    return ActorCritic(actor=actor, critic=critic, log_std=log_std)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+class Transition(NamedTuple):
+    obs: jax.Array
+    action: jax.Array  # float, (action_size,): 0./1. or the unclipped Gaussian sample
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    next_value: jax.Array  # value of info["final_observation"] (the pre-reset next observation)
+
+
+class Runner(NamedTuple):
+    weights: Any  # the ActorCritic's arrays (eqx.partition)
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array
+    key: jax.Array
+    update: jax.Array  # updates done so far
+
+
+def _make_chunk(env, env_params, static, optimizer, config: PPOConfig) -> Callable:
+    """The jittable ``Runner -> (Runner, metrics)`` that performs ``eval_every_updates`` updates."""
+    num_envs, batch_size = config.num_envs, config.batch_size
+    minibatch_size = batch_size // config.num_minibatches
+    is_box = static.actor.kind == "box"
+    low = jnp.asarray(static.actor.low) if is_box else None
+    high = jnp.asarray(static.actor.high) if is_box else None
+    step_envs = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def env_action(action):
+        if is_box:
+            return jnp.clip(action, low, high)
+        return action[..., 0].astype(jnp.int32)
+
+    def collect(model, carry, _):
+        env_state, obs, key = carry
+        key, key_action, key_env = jax.random.split(key, 3)
+        action = jax.vmap(model.sample)(jax.random.split(key_action, num_envs), obs)
+        log_prob, _ = jax.vmap(model.log_prob_entropy)(obs, action)
+        value = jax.vmap(model.value)(obs)
+        next_obs, env_state, reward, terminated, truncated, info = step_envs(
+            jax.random.split(key_env, num_envs), env_state, env_action(action), env_params
+        )
+        next_value = jax.vmap(model.value)(info["final_observation"])
+        transition = Transition(obs, action, log_prob, value, reward.astype(jnp.float32),
+                                terminated, truncated, next_value)
+        return (env_state, next_obs, key), transition
+
+    def loss_fn(weights, batch: Transition, advantages, returns, clip_eps):
+        model = eqx.combine(weights, static)
+        log_prob, entropy = jax.vmap(model.log_prob_entropy)(batch.obs, batch.action)
+        value = jax.vmap(model.value)(batch.obs)
+        if config.normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        log_ratio = log_prob - batch.log_prob
+        ratio = jnp.exp(log_ratio)
+        policy_loss = -jnp.mean(
+            jnp.minimum(ratio * advantages, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages)
+        )
+        value_loss = jnp.mean((value - returns) ** 2)
+        entropy = jnp.mean(entropy)
+        loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * entropy
+        approx_kl = jnp.mean((ratio - 1.0) - log_ratio)  # k3 estimator, non-negative
+        return loss, {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
+                      "entropy": entropy, "approx_kl": approx_kl}
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def update(runner: Runner, _):
+        model = eqx.combine(runner.weights, static)
+        (env_state, obs, key), traj = jax.lax.scan(
+            functools.partial(collect, model), (runner.env_state, runner.obs, runner.key), None,
+            length=config.num_steps,
+        )
+        advantages, returns = gae(
+            traj.reward, traj.value, traj.next_value, traj.terminated, traj.truncated,
+            gamma=config.gamma, gae_lambda=config.gae_lambda,
+        )
+        # SB3 anneals by the fraction of the budget left after this update's collection.
+        progress_left = 1.0 - (runner.update + 1).astype(jnp.float32) / config.num_updates
+        clip_eps = config.clip_eps * (jnp.maximum(progress_left, 0.0) if config.anneal_clip_eps else 1.0)
+        flat = jax.tree.map(lambda x: x.reshape((batch_size,) + x.shape[2:]), (traj, advantages, returns))
+
+        def epoch(carry, key_perm):
+            weights, opt_state = carry
+            perm = jax.random.permutation(key_perm, batch_size)
+            minibatches = jax.tree.map(
+                lambda x: x[perm].reshape((config.num_minibatches, minibatch_size) + x.shape[1:]), flat
+            )
+
+            def minibatch_step(carry, minibatch):
+                weights, opt_state = carry
+                grads, metrics = grad_fn(weights, *minibatch, clip_eps)
+                updates, opt_state = optimizer.update(grads, opt_state, weights)
+                return (optax.apply_updates(weights, updates), opt_state), metrics
+
+            return jax.lax.scan(minibatch_step, (weights, opt_state), minibatches)
+
+        key, key_epochs = jax.random.split(key)
+        (weights, opt_state), metrics = jax.lax.scan(
+            epoch, (runner.weights, runner.opt_state), jax.random.split(key_epochs, config.num_epochs)
+        )
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["clip_eps"] = clip_eps
+        return Runner(weights, opt_state, env_state, obs, key, runner.update + 1), metrics
+
+    def chunk(runner: Runner):
+        runner, metrics = jax.lax.scan(update, runner, None, length=config.eval_every_updates)
+        return runner, jax.tree.map(lambda m: m[-1], metrics)
+
+    return chunk
+
+
+def train(
+    env_id: str,
+    config: PPOConfig,
+    *,
+    seed: int = 0,
+    progress_fn: Callable[[dict], None] | None = None,
+    render_fn: Callable[[Policy], None] | None = None,
+) -> TrainResult:
+    """Train a policy on ``env_id`` with PPO.
+
+    Args:
+        env_id: a registered id or short name (``"CartPole-v1"``, ``"pendulum"``).
+        config: hyper-parameters (``default_config(env_id)`` for the tuned ones).
+        seed: seeds the networks, the rollouts and the evaluations.
+        progress_fn: called after every evaluation with ``env_steps``, ``wall_seconds``,
+            ``eval_return`` (mean over ``config.eval_episodes``), ``loss``, ``policy_loss``,
+            ``value_loss``, ``entropy``, ``approx_kl`` (the last update's minibatch means).
+        render_fn: called with the current ``Policy`` after every evaluation.
+
+    Returns:
+        ``TrainResult`` whose ``policy`` is the deterministic actor. ``env_steps`` counts every
+        step of every parallel env (evaluation episodes excluded); ``wall_seconds`` is the whole
+        call, compilation included; ``compile_seconds`` is the ahead-of-time compilation of the
+        update chunk plus the first evaluation call (its compilation). ``curve`` has a point at 0
+        steps and after every chunk of ``eval_every_updates`` updates. ``extra`` holds
+        ``solved`` (target reached), ``env_steps_to_target`` / ``wall_seconds_to_target``
+        (``None`` if not reached), ``log_std`` (continuous actions) and ``config``.
+    """
+    start = time.perf_counter()
+    env_id = diffgym.resolve_env_id(env_id)
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    env, env_params = diffgym.make(env_id)
+    spec = policy_spec(env, env_params, config)
+
+    key = jax.random.key(seed)
+    key_model, key_reset, key_run, key_eval = jax.random.split(key, 4)
+    model = init_actor_critic(spec, config, key_model)
+    weights, static = eqx.partition(model, eqx.is_inexact_array)
+
+    num_optimizer_steps = config.num_updates * config.num_epochs * config.num_minibatches
+    learning_rate = (
+        optax.linear_schedule(config.learning_rate, 0.0, num_optimizer_steps)
+        if config.anneal_learning_rate else config.learning_rate
+    )
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm), optax.adam(learning_rate, eps=1e-5)
+    )
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key_reset, config.num_envs), env_params)
+    runner = Runner(weights, optimizer.init(weights), env_state, obs, key_run, jnp.zeros((), jnp.int32))
+
+    compile_start = time.perf_counter()
+    chunk = jax.jit(_make_chunk(env, env_params, static, optimizer, config)).lower(runner).compile()
+    compile_seconds = time.perf_counter() - compile_start
+
+    def evaluate_now(weights, index: int) -> float:
+        actor = eqx.combine(weights, static).actor
+        returns = evaluate(env_id, actor, key=jax.random.fold_in(key_eval, index), episodes=config.eval_episodes)
+        return float(np.mean(returns))
+
+    eval_start = time.perf_counter()
+    first_return = evaluate_now(runner.weights, 0)
+    compile_seconds += time.perf_counter() - eval_start
+    curve = [{"env_steps": 0, "wall_seconds": time.perf_counter() - start, "eval_return": first_return}]
+
+    env_steps_per_chunk = config.eval_every_updates * config.batch_size
+    num_chunks = max(1, config.num_updates // config.eval_every_updates)
+    env_steps, to_target = 0, None
+    # The target is checked after training only: a freshly initialised deterministic policy can
+    # already balance CartPole (random near-linear policies often do), which is no PPO result.
+    for index in range(1, num_chunks + 1):
+        if to_target is not None:
+            break
+        runner, metrics = chunk(runner)
+        env_steps += env_steps_per_chunk
+        eval_return = evaluate_now(runner.weights, index)
+        point = {"env_steps": env_steps, "wall_seconds": time.perf_counter() - start, "eval_return": eval_return}
+        curve.append(point)
+        if progress_fn is not None:
+            progress_fn({**point, **{name: float(value) for name, value in metrics.items()}})
+        if render_fn is not None:
+            render_fn(eqx.combine(runner.weights, static).actor)
+        if config.target_return is not None and eval_return >= config.target_return:
+            to_target = point
+
+    final = eqx.combine(runner.weights, static)
+    extra = {
+        "algo": "ppo",
+        "solved": to_target is not None,
+        "env_steps_to_target": None if to_target is None else to_target["env_steps"],
+        "wall_seconds_to_target": None if to_target is None else to_target["wall_seconds"],
+        "target_return": config.target_return,
+        "config": dataclasses.asdict(config),
+    }
+    if spec["kind"] == "box":
+        extra["log_std"] = [float(v) for v in np.asarray(final.log_std)]
+    return TrainResult(
+        policy=final.actor,
+        spec=spec,
+        env_steps=env_steps,
+        wall_seconds=time.perf_counter() - start,
+        compile_seconds=compile_seconds,
+        curve=curve,
+        extra=extra,
+    )

@@ -1,0 +1,120 @@
+"""PPO: GAE against a hand computation, the policy's distributions, and learning (fast and slow tiers)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents import ppo
+from agents.common import evaluate
+from agents.policy import Policy
+
+
+def test_gae_matches_hand_computation():
+    # Two envs side by side, three steps, gamma 0.9, lambda 0.8 (gamma * lambda = 0.72).
+    # Env 0 is truncated at t=1 (time limit: bootstrap from next_values[1], then cut the chain);
+    # env 1 terminates at t=1 (no bootstrap, cut the chain). Both bootstrap at the rollout's end.
+    rewards = jnp.ones((3, 2))
+    values = jnp.array([[0.5, 0.5], [0.4, 0.4], [0.3, 0.3]])
+    next_values = jnp.array([[0.4, 0.4], [0.3, 0.3], [0.9, 0.9]])
+    terminated = jnp.array([[False, False], [False, True], [False, False]])
+    truncated = jnp.array([[False, False], [True, False], [False, False]])
+    advantages, returns = ppo.gae(
+        rewards, values, next_values, terminated, truncated, gamma=0.9, gae_lambda=0.8
+    )
+    # deltas: t0 = 1 + 0.9*0.4 - 0.5 = 0.86; t2 = 1 + 0.9*0.9 - 0.3 = 1.51;
+    #   t1 = 1 + 0.9*0.3 - 0.4 = 0.87 (truncated) or 1 - 0.4 = 0.6 (terminated).
+    # advantages: A2 = 1.51; A1 = delta1 (chain cut); A0 = 0.86 + 0.72 * A1.
+    expected = np.array([[0.86 + 0.72 * 0.87, 0.86 + 0.72 * 0.6], [0.87, 0.6], [1.51, 1.51]])
+    np.testing.assert_allclose(advantages, expected, rtol=1e-6)
+    np.testing.assert_allclose(returns, expected + np.asarray(values), rtol=1e-6)
+
+
+def test_gae_without_episode_end_is_discounted_td_sum():
+    # lambda = 1 and no episode end: the advantage is the discounted sum of rewards plus the
+    # discounted bootstrap minus the value (Monte Carlo with a bootstrapped tail).
+    rng = np.random.default_rng(0)
+    rewards, values = rng.normal(size=(5,)), rng.normal(size=(5,))
+    next_values = np.append(values[1:], 2.0)
+    no = np.zeros(5, bool)
+    advantages, _ = ppo.gae(
+        jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(next_values), no, no, gamma=0.95, gae_lambda=1.0
+    )
+    expected = [
+        sum(0.95**k * rewards[t + k] for k in range(5 - t)) + 0.95 ** (5 - t) * 2.0 - values[t] for t in range(5)
+    ]
+    np.testing.assert_allclose(advantages, expected, rtol=1e-5)
+
+
+def test_bernoulli_log_prob_entropy_and_mode():
+    config = ppo.default_config("CartPole-v1")
+    spec = {"obs_size": 4, "action_size": 1, "kind": "bernoulli", "low": [], "high": [],
+            "width": 8, "depth": 1, "activation": "tanh"}
+    model = ppo.init_actor_critic(spec, config, jax.random.key(1))
+    obs = jnp.array([0.1, -0.3, 0.05, 0.2])
+    p1 = jax.nn.sigmoid(model.actor.raw(obs)[0])
+    for action in (0.0, 1.0):
+        log_prob, entropy = model.log_prob_entropy(obs, jnp.array([action]))
+        np.testing.assert_allclose(log_prob, np.log(p1 if action else 1 - p1), rtol=1e-5)
+    np.testing.assert_allclose(entropy, -(p1 * np.log(p1) + (1 - p1) * np.log(1 - p1)), rtol=1e-5)
+    # Sampling frequency matches sigmoid(logit); the deterministic action is the mode.
+    samples = jax.vmap(model.sample, in_axes=(0, None))(jax.random.split(jax.random.key(2), 4000), obs)
+    assert abs(float(samples.mean()) - float(p1)) < 0.03
+    assert int(model.actor(obs)) == int(p1 > 0.5)
+
+
+def test_gaussian_log_prob_is_scaled_to_the_box():
+    config = dataclasses.replace(ppo.default_config("Pendulum-v1"), init_log_std=math.log(0.25))
+    spec = {"obs_size": 3, "action_size": 1, "kind": "box", "low": [-2.0], "high": [2.0],
+            "width": 8, "depth": 1, "activation": "tanh"}
+    model = ppo.init_actor_critic(spec, config, jax.random.key(3))
+    obs = jnp.array([1.0, 0.0, 0.5])
+    mean = model.actor(obs)
+    std = 0.25 * 2.0  # exp(log_std) times half the box width
+    log_prob, entropy = model.log_prob_entropy(obs, jnp.array([0.7]))
+    np.testing.assert_allclose(log_prob, jax.scipy.stats.norm.logpdf(0.7, mean[0], std), rtol=1e-5)
+    np.testing.assert_allclose(entropy, 0.5 * np.log(2 * np.pi * np.e * std**2), rtol=1e-5)
+
+
+def test_config_errors_quote_the_values():
+    with pytest.raises(ValueError, match="num_minibatches=3 must divide .* = 256"):
+        ppo.PPOConfig(num_minibatches=3)
+    with pytest.raises(ValueError, match="did you mean|Did you mean"):
+        ppo.default_config("cartpol")
+
+
+def test_cartpole_learns_on_a_small_budget():
+    """Fast tier: from a poor initial policy (seed 2 balances ~10 steps) to 475 within 40k steps."""
+    config = dataclasses.replace(ppo.default_config("CartPole-v1"), total_env_steps=40_960)
+    points = []
+    result = ppo.train("CartPole-v1", config, seed=2, progress_fn=points.append)
+    assert isinstance(result.policy, Policy) and result.policy.kind == "bernoulli"
+    assert result.curve[0]["env_steps"] == 0 and result.curve[0]["eval_return"] < 100
+    assert result.extra["solved"], result.curve
+    assert result.extra["env_steps_to_target"] <= 40_960
+    assert result.env_steps == result.curve[-1]["env_steps"] == result.extra["env_steps_to_target"]
+    assert len(points) == len(result.curve) - 1 and {"loss", "approx_kl"} <= set(points[-1])
+    assert 0 < result.compile_seconds < result.wall_seconds
+    # The returned policy, re-evaluated on fresh episodes, still balances.
+    returns = evaluate("CartPole-v1", result.policy, key=jax.random.key(99), episodes=32)
+    assert returns.mean() >= 400
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cartpole_reaches_475(seed):
+    result = ppo.train("CartPole-v1", ppo.default_config("CartPole-v1"), seed=seed)
+    assert result.extra["solved"], result.curve
+    assert evaluate("CartPole-v1", result.policy, key=jax.random.key(7), episodes=50).mean() >= 475
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pendulum_reaches_minus_200(seed):
+    result = ppo.train("Pendulum-v1", ppo.default_config("Pendulum-v1"), seed=seed)
+    assert result.policy.kind == "box" and result.extra["solved"], result.curve
+    assert result.extra["env_steps_to_target"] <= 300_000
+    assert evaluate("Pendulum-v1", result.policy, key=jax.random.key(7), episodes=100).mean() >= -230
