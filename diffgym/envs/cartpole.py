@@ -55,8 +55,11 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
     3    pole angular velocity  -inf             inf
     ===  =====================  ===============  ===============
 
-    **Reward** — 1 for every step, the terminating one included (0 for steps taken after
-    termination without a reset, as gymnasium).
+    **Reward** — 1 for every step, the terminating one included. Stepping on without a reset (not
+    done by ``step``, which resets): 0 for a step from a terminated state into a terminated state,
+    and 1 if the pole or cart comes back inside the thresholds, as gymnasium. One case differs:
+    gymnasium remembers the first termination of an episode and pays 0 when the pole falls a
+    second time; the state here has no such memory and pays 1.
 
     **Starting state** — every state variable uniform in [-0.05, 0.05].
 
@@ -114,8 +117,10 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
             theta_dot=state.theta_dot + params.tau * thetaacc,
             time=state.time + 1,
         )
-        reward = 1.0 - prev_terminated.astype(state.x.dtype)
         terminated = self.is_terminated(next_state, params)
+        # gymnasium pays 0 only while the state stays past the thresholds after a termination: a
+        # step that brings the pole back pays 1 (gymnax's ``1 - prev_terminal`` pays 0 there).
+        reward = 1.0 - (prev_terminated & terminated).astype(state.x.dtype)
         info = {"discount": self.discount(next_state, params)}
         return self.get_obs(next_state), next_state, reward, terminated, info
 
