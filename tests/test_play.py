@@ -1,0 +1,135 @@
+"""``train-controller play``: headless GIF recording, live windows (dummy SDL driver), bundled controllers."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import agents
+from agents.cli import main
+from agents.common import evaluate_gymnasium
+from agents.play import ASSETS_DIR, TrainingViewer, _play_live, check_record_path, play
+
+#: Bundled controllers and the gymnasium return each must reach (CartPole: gymnasium's
+#: reward_threshold; Pendulum: near the usual -200 "solved" level, a random policy scores about -1200).
+BUNDLED = {"cartpole": ("CartPole-v1", 475.0), "pendulum": ("Pendulum-v1", -250.0)}
+
+
+def _bundled(name):
+    if not (ASSETS_DIR / name / "policy.json").exists():
+        pytest.fail(f"no controller bundled in assets/{name}/")
+    return ASSETS_DIR / name
+
+
+@pytest.fixture
+def captions(monkeypatch):
+    """Every window caption set while the test runs."""
+    import pygame
+
+    seen = []
+    original = pygame.display.set_caption
+    monkeypatch.setattr(pygame.display, "set_caption", lambda text, *a: (seen.append(text), original(text, *a)))
+    return seen
+
+
+def test_record_gif_headless_with_the_bundled_controller(tmp_path, capsys):
+    gif = tmp_path / "nested" / "cartpole.gif"
+    assert main(["play", "--env", "cartpole", "--record", str(gif), "--max-steps", "40"]) == 0
+    out = capsys.readouterr().out
+    assert str(ASSETS_DIR / "cartpole") in out, "without --policy, play must use the bundled controller"
+    assert "episode 1: return 40.0 in 40 steps" in out
+
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        assert image.n_frames == 41  # the reset frame and one per step
+        assert image.width <= 480 and image.info["duration"] == 20  # CartPole renders at 50 fps
+        image.seek(0)
+        first = np.asarray(image.convert("RGB"))
+        image.seek(40)
+        last = np.asarray(image.convert("RGB"))
+    assert first.shape == last.shape and not np.array_equal(first, last)
+    assert not list(gif.parent.glob(".*.tmp*")), "the temporary file must be renamed into place"
+
+
+def test_record_pendulum_gif_from_a_policy_folder(tmp_path):
+    gif = tmp_path / "pendulum.gif"
+    returns = play(policy_dir=_bundled("pendulum"), record=gif, episodes=2, max_steps=5, echo=lambda _: None)
+    assert len(returns) == 2 and all(-16.3 * 5 <= r <= 0 for r in returns)  # Pendulum's cost bounds
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        assert image.n_frames == 2 * 6
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_controller_is_solved_and_matches_its_metrics(name):
+    env_id, solved = BUNDLED[name]
+    directory = _bundled(name)
+    metrics = json.loads((directory / "metrics.json").read_text())
+    policy = agents.load_policy(directory)
+    assert policy.env_id == env_id == metrics["env"]
+    assert metrics["eval_return_mean"] >= solved
+    assert metrics["eval_episodes"] >= 20
+    # The bundled weights are the ones that were evaluated: the first episodes replay exactly.
+    returns = evaluate_gymnasium(policy, env_id, episodes=2, seed=metrics["eval_seed"])
+    np.testing.assert_allclose(returns, metrics["eval_returns"][:2], rtol=1e-5)
+
+
+def test_live_play_shows_episode_and_return_in_the_caption(captions):
+    returns = play("cartpole", episodes=2, max_steps=15, echo=lambda _: None)
+    assert returns == [15.0, 15.0]
+    assert any("episode 1" in c and "return 15.0" in c for c in captions)
+    assert any("episode 2" in c and "step 3 " in c for c in captions)
+
+
+def test_closing_the_window_stops_an_endless_session():
+    import pygame
+
+    bundled = agents.load_policy(_bundled("cartpole"))
+    calls = 0
+
+    def policy(obs):
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # the user clicks the close button during the 5th step
+            pygame.event.post(pygame.event.Event(pygame.QUIT))
+        return bundled(obs)
+
+    lines = []
+    returns = _play_live("CartPole-v1", policy, None, 0, None, lines.append)
+    assert returns == [5.0]
+    assert lines == ["window closed during episode 1 (return so far 5.0)"]
+
+
+def test_policy_trained_on_another_env_is_refused():
+    with pytest.raises(ValueError, match="trained on CartPole-v1, but --env asks for Pendulum-v1"):
+        play("pendulum", policy_dir=_bundled("cartpole"), record="x.gif")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="display detection differs off Linux")
+def test_without_a_display_play_asks_for_a_recording(monkeypatch):
+    for name in ("SDL_VIDEODRIVER", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="--record rollout.gif"):
+        play("cartpole")
+
+
+def test_record_extensions():
+    assert check_record_path("a/b.GIF").suffix == ".GIF"
+    with pytest.raises(ValueError, match="extension '.png' is not supported; use one of .gif, .mp4"):
+        check_record_path("frame.png")
+    with pytest.raises(ValueError, match="extension '\\(none\\)'"):
+        check_record_path("movie")
+
+
+def test_training_viewer_shows_the_current_policy(captions):
+    from agents.policy import load_policy_module
+
+    module, _ = load_policy_module(_bundled("cartpole"))
+    viewer = TrainingViewer("cartpole", max_steps=10)
+    viewer(module, {"env_steps": 500, "eval_return": 123.0, "loss": 0.5})
+    viewer.close()
+    assert viewer.shown == 1
+    assert any("eval_return 123" in c and "step 10" in c for c in captions)
