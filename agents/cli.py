@@ -54,12 +54,13 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------
 # Argument dataclasses (tyro turns each into a parser; their docstrings are the --help text)
 # --------------------------------------------------------------------------------------------
-_TRAIN_DESCRIPTION = """Train a controller and write DIR/policy.{json,eqx} and DIR/metrics.json.
+_TRAIN_DESCRIPTION = """Train a controller; write DIR/policy.json, DIR/policy.eqx and DIR/metrics.json.
 
-Other commands: `train-controller play --help` (watch a controller, or record a GIF) and
-`train-controller compare --help` (BPTT against the RL baselines over several seeds).
-The --config.* options are those of the chosen --algo and --env: see
-`train-controller --env pendulum --algo ppo --help`."""
+The --config.* options below are those of the chosen --algo, with the defaults tuned for the
+chosen --env (e.g. `train-controller --env pendulum --algo ppo --help`).
+
+Other commands: `train-controller play --help` (watch a controller live, or record a GIF) and
+`train-controller compare --help` (BPTT against the RL baselines over several seeds)."""
 
 
 @dataclasses.dataclass
@@ -73,9 +74,9 @@ class TrainArgs(Generic[ConfigT]):
     seed: int = 0
     """Random seed (a non-negative integer): network initialisation and training rollouts."""
     out: Path | None = None
-    """Output folder for the checkpoint and metrics.json (default: runs/<env>-<algo>-seed<seed>)."""
+    """Output folder for the checkpoint and metrics.json; None: runs/<env>-<algo>-seed<seed>."""
     eval_episodes: int | None = None
-    """Gymnasium episodes for the final evaluation (default: 20 CartPole, 100 Pendulum, 1000 Trebuchet)."""
+    """Gymnasium episodes of the final evaluation; None: 20 CartPole, 100 Pendulum, 1000 Trebuchet."""
     render: bool = False
     """Show rollouts of the current policy in a pygame window while it trains."""
     progress: bool = True
@@ -91,15 +92,15 @@ class PlayArgs:
     env: str | None = None
     """Environment (cartpole, pendulum, trebuchet or an id); optional when --policy is given."""
     policy: Path | None = None
-    """Checkpoint folder written by `train-controller --out DIR` (default: the bundled controller)."""
+    """Checkpoint folder written by `train-controller --out DIR`; None: the bundled controller."""
     record: Path | None = None
     """Record to this .gif (or .mp4 when imageio-ffmpeg is installed) instead of opening a window."""
     episodes: int | None = None
-    """Episodes to play (default: until the window is closed; 1 when recording)."""
+    """Episodes to play; None: until the window is closed (1 when recording)."""
     seed: int = 0
     """Episode k starts from the reset with seed (seed + k)."""
     max_steps: int | None = None
-    """Cut each episode after this many steps (default: the env's own time limit)."""
+    """Cut each episode after this many steps; None: the env's own time limit."""
 
 
 @dataclasses.dataclass
@@ -128,7 +129,7 @@ def algorithm_module(algo: str, env_id: str):
     except ModuleNotFoundError as error:
         if error.name != module_name:
             raise
-        raise UsageError(f"--algo {algo} is not available in this checkout ({module_name} is missing)") from None
+        raise UsageError(f"--algo {algo} is not available ({module_name} is missing)") from None
 
 
 def default_config(env_id: str, algo: str):
@@ -343,7 +344,8 @@ def _train_command(argv: list[str]) -> int:
     env_id = _resolve_env(known.env) if known.env is not None else "CartPole-v1"
     module = algorithm_module(known.algo, env_id)
     config = _default_config(module, known.algo, env_id)
-    defaults = TrainArgs(env=known.env if known.env is not None else tyro.MISSING, config=config, algo=known.algo)
+    env_default = known.env if known.env is not None else tyro.MISSING
+    defaults = TrainArgs(env=env_default, config=config, algo=known.algo)
     try:
         args = tyro.cli(
             TrainArgs[type(config)],
@@ -434,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = _COMMANDS[argv.pop(0)]
     try:
         return command(argv)
+    except SystemExit as exit_request:  # tyro's --help and its parse errors: a status, not an exit
+        code = exit_request.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

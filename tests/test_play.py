@@ -29,7 +29,11 @@ def captions(monkeypatch):
 
     seen = []
     original = pygame.display.set_caption
-    monkeypatch.setattr(pygame.display, "set_caption", lambda text, *a: (seen.append(text), original(text, *a)))
+    def record(text, *args):
+        seen.append(text)
+        return original(text, *args)
+
+    monkeypatch.setattr(pygame.display, "set_caption", record)
     return seen
 
 
