@@ -141,3 +141,56 @@ def _clean_env():
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+
+
+def test_interrupted_training_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    import agents.bptt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.bptt, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["--env", "cartpole", "--out", str(out), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_render_flag_shows_training_snapshots_in_a_window(tmp_path, monkeypatch):
+    """--render hands the trainer a render_fn that plays the snapshot with the latest progress."""
+    import pygame
+
+    import agents.bptt
+    import agents.play
+    from agents.common import TrainResult
+    from agents.policy import Policy
+
+    spec = dict(obs_size=4, action_size=1, kind="bernoulli", width=8, depth=1)
+    shown, captions = [], []
+
+    def train_one_snapshot(env_id, config, *, seed, progress_fn=None, render_fn=None):
+        # Exercises the CLI's hooks only; the trainer itself is tested in test_bptt.py.
+        policy = Policy(**spec, key=jax.random.key(seed))
+        progress_fn({"env_steps": 10, "loss": 0.25, "eval_return": 9.0})
+        render_fn(policy)
+        shown.append(policy)
+        return TrainResult(policy, spec, env_steps=10, wall_seconds=0.1, compile_seconds=0.0, curve=[])
+
+    class ShortViewer(agents.play.TrainingViewer):
+        def __init__(self, env_id):
+            super().__init__(env_id, max_steps=3)
+
+    original_caption = pygame.display.set_caption
+
+    def set_caption(text, *args):
+        captions.append(text)
+        return original_caption(text, *args)
+
+    monkeypatch.setattr(pygame.display, "set_caption", set_caption)
+    monkeypatch.setattr(agents.bptt, "train", train_one_snapshot)
+    monkeypatch.setattr(agents.play, "TrainingViewer", ShortViewer)
+    out = tmp_path / "run"
+    assert main(["--env", "cartpole", "--out", str(out), "--render", "--no-progress", "--eval-episodes", "1"]) == 0
+    assert len(shown) == 1
+    assert any(c.startswith("training CartPole-v1") and "eval_return 9" in c and "step 3" in c for c in captions)
+    assert json.loads((out / "metrics.json").read_text())["env_steps"] == 10
