@@ -190,7 +190,8 @@ def test_render_flag_shows_training_snapshots_in_a_window(tmp_path, monkeypatch)
     monkeypatch.setattr(agents.bptt, "train", train_one_snapshot)
     monkeypatch.setattr(agents.play, "TrainingViewer", ShortViewer)
     out = tmp_path / "run"
-    assert main(["--env", "cartpole", "--out", str(out), "--render", "--no-progress", "--eval-episodes", "1"]) == 0
+    argv = ["--env", "cartpole", "--out", str(out), "--render", "--no-progress", "--eval-episodes", "1"]
+    assert main(argv) == 0
     assert len(shown) == 1
     assert any(c.startswith("training CartPole-v1") and "eval_return 9" in c and "step 3" in c for c in captions)
     assert json.loads((out / "metrics.json").read_text())["env_steps"] == 10
