@@ -1,0 +1,217 @@
+"""Per-step time of diffgym's gymnasium shells beside gymnasium's own envs.
+
+    python -m bench.bench_shell            # writes bench/results/shell.md
+
+Times, in one run and one process per XLA setting: gymnasium's numpy CartPole-v1 and Pendulum-v1,
+the diffgym shells of both, gymnasium's own JAX ``phys2d/CartPole-v1`` (needs flax, part of
+``pip install 'diffgym[bench]'``), each raw (``env.unwrapped``) and as ``gymnasium.make`` returns
+it (TimeLimit, OrderEnforcing, PassiveEnvChecker), so like is compared with like; plus the vector
+envs. Only ``step`` calls are timed (each call on its own clock; resets are left out). Actions are
+numpy scalars / float32 arrays, what Stable-Baselines3's DummyVecEnv hands an env. The whole table
+is measured twice, with XLA's default threading and with XLA pinned to one thread; the numpy rows,
+which XLA does not touch, show the run-to-run noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+RESULTS = Path(__file__).parent / "results" / "shell.md"
+
+
+def _actions(env, steps: int, seed: int = 0):
+    space = env.action_space
+    rng = np.random.default_rng(seed)
+    if hasattr(space, "n"):
+        return list(rng.integers(0, space.n, size=steps))  # np.int64 scalars, as SB3 passes them
+    return list(rng.uniform(space.low, space.high, size=(steps,) + space.shape).astype(np.float32))
+
+
+def time_steps(env, steps: int, repeats: int) -> dict:
+    """Median and min over ``repeats`` of the mean time of one ``step`` call, in microseconds."""
+    actions = _actions(env, steps)
+    env.reset(seed=0)
+    for action in actions[: min(500, steps)]:  # warm-up: compilation, caches
+        if any(env.step(action)[2:4]):
+            env.reset()
+    per_step = []
+    clock = time.perf_counter
+    for _ in range(repeats):
+        total = 0.0
+        env.reset(seed=1)
+        for action in actions:
+            started = clock()
+            _, _, terminated, truncated, _ = env.step(action)
+            total += clock() - started
+            if terminated or truncated:
+                env.reset()
+        per_step.append(total / steps * 1e6)
+    return {"median_us": statistics.median(per_step), "min_us": min(per_step)}
+
+
+def time_vector_steps(envs, steps: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    actions = [envs.action_space.sample() for _ in range(min(steps, 64))]
+    del rng
+    envs.reset(seed=0)
+    for action in actions:
+        envs.step(action)
+    per_step = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for i in range(steps):
+            envs.step(actions[i % len(actions)])
+        per_step.append((time.perf_counter() - started) / steps * 1e6)
+    return {"median_us": statistics.median(per_step), "min_us": min(per_step)}
+
+
+def measure(steps: int, repeats: int, num_envs: int) -> dict:
+    """Every row of the table under the current process's XLA settings."""
+    import gymnasium
+
+    import diffgym  # noqa: F401 -- registers diffgym/*
+    from diffgym.gym import DiffgymEnv
+
+    rows = {}
+
+    def add(name, make_env, steps=steps):
+        try:
+            env = make_env()
+        except Exception as error:  # an optional baseline that is not installed
+            rows[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:120]}
+            return
+        rows[name] = time_steps(env, steps, repeats)
+        env.close()
+
+    # Compilation on the first reset+step of a fresh shell (nothing cached in this process yet).
+    for env_id in ("CartPole-v1", "Pendulum-v1"):
+        started = time.perf_counter()
+        env = DiffgymEnv(env_id)
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+        rows[f"first reset+step (compile), diffgym/{env_id}"] = {"once_ms": (time.perf_counter() - started) * 1e3}
+
+    for env_id in ("CartPole-v1", "Pendulum-v1"):
+        add(f"gymnasium {env_id} (numpy), raw", lambda: gymnasium.make(env_id).unwrapped)
+        add(f"diffgym/{env_id} shell, raw", lambda: gymnasium.make(f"diffgym/{env_id}").unwrapped)
+        add(f"gymnasium {env_id} (numpy), gymnasium.make", lambda: gymnasium.make(env_id))
+        add(f"diffgym/{env_id} shell, gymnasium.make", lambda: gymnasium.make(f"diffgym/{env_id}"))
+    # gymnasium's own JAX shell is ~20x slower: fewer steps keep the run short.
+    add("gymnasium phys2d/CartPole-v1 (JAX), raw", lambda: gymnasium.make("phys2d/CartPole-v1").unwrapped, steps // 10)
+    add("gymnasium phys2d/CartPole-v1 (JAX), gymnasium.make", lambda: gymnasium.make("phys2d/CartPole-v1"), steps // 10)
+
+    from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
+
+    vector_steps = max(steps // 10, 100)
+    rows[f"gymnasium CartPoleVectorEnv (numpy), {num_envs} envs, per vector step"] = time_vector_steps(
+        CartPoleVectorEnv(num_envs=num_envs), vector_steps, repeats
+    )
+    rows[f"diffgym/CartPole-v1 make_vec, {num_envs} envs, per vector step"] = time_vector_steps(
+        gymnasium.make_vec("diffgym/CartPole-v1", num_envs=num_envs), vector_steps, repeats
+    )
+    return rows
+
+
+def _child(xla_flags: str | None, args) -> dict:
+    """Run ``measure`` in a fresh process (XLA flags only take effect before jax starts)."""
+    env = dict(os.environ)
+    if xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    command = [sys.executable, "-m", "bench.bench_shell", "--child", "--steps", str(args.steps),
+               "--repeats", str(args.repeats), "--num-envs", str(args.num_envs)]
+    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _machine() -> str:
+    import gymnasium
+    import jax
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average at the start (1/5/15 min): {load}\n"
+        f"- Python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"gymnasium {gymnasium.__version__}, numpy {np.__version__}\n"
+        f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if "error" in row:
+        return f"n/a ({row['error']})"
+    if "once_ms" in row:
+        return f"{row['once_ms']:.0f} ms"
+    return f"{row['median_us']:.1f} (min {row['min_us']:.1f})"
+
+
+def report(default: dict, single: dict, args) -> str:
+    lines = [
+        "# Gymnasium shell: time per `step` call",
+        "",
+        "Produced by `python -m bench.bench_shell` "
+        f"(`--steps {args.steps} --repeats {args.repeats} --num-envs {args.num_envs}`).",
+        "",
+        _machine(),
+        "",
+        "Microseconds per `step` call: median over the repeats (min in brackets); only `step` is timed.",
+        "\"raw\" is `env.unwrapped`; \"gymnasium.make\" adds TimeLimit, OrderEnforcing and",
+        f"PassiveEnvChecker. Right column: XLA pinned to one thread (`XLA_FLAGS=\"{SINGLE_THREAD_XLA}\"`).",
+        "",
+        "| case | default XLA | XLA one thread |",
+        "|---|---|---|",
+    ]
+    for name in default:
+        lines.append(f"| {name} | {_cell(default[name])} | {_cell(single.get(name))} |")
+    lines += ["", "Ratios (diffgym shell / gymnasium numpy, medians, default XLA):", ""]
+    for env_id in ("CartPole-v1", "Pendulum-v1"):
+        for variant in ("raw", "gymnasium.make"):
+            ours = default.get(f"diffgym/{env_id} shell, {variant}", {})
+            theirs = default.get(f"gymnasium {env_id} (numpy), {variant}", {})
+            if "median_us" in ours and "median_us" in theirs:
+                lines.append(f"- {env_id}, {variant}: {ours['median_us'] / theirs['median_us']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10_000, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-envs", type=int, default=64, help="envs in the vector rows")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.steps, args.repeats, args.num_envs)))
+        return
+    default = _child(None, args)
+    single = _child(SINGLE_THREAD_XLA, args)
+    text = report(default, single, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
