@@ -422,3 +422,93 @@ def test_trebuchet_shell_one_shot_episode():
     env.action_space.seed(0)
     _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
     assert isinstance(reward, float) and (terminated or truncated)
+
+
+# ------------------------------------------------------------------------------------------------
+# Genericity: a one-shot env with a random transition and an info dict, shaped like the trebuchet
+# ------------------------------------------------------------------------------------------------
+from diffgym.core import Box, Environment, EnvParams, EnvState, pytree_dataclass  # noqa: E402
+
+
+@pytree_dataclass
+class ShotState(EnvState):
+    target_m: jax.Array
+    wind_m_s: jax.Array
+    time: jax.Array
+
+
+@pytree_dataclass
+class ShotParams(EnvParams):
+    noise_m: float = 2.0
+    max_steps_in_episode: int = 1
+
+
+class NoisyShot(Environment):
+    """One shot at a target: landing = angle (deg) + counterweight / 10 (kg) + wind + noise (m)."""
+
+    deterministic_transition = False
+
+    @property
+    def default_params(self):
+        return ShotParams()
+
+    def reset_env(self, key, params):
+        target, wind = jax.random.uniform(key, (2,), minval=jnp.array([50.0, -5.0]), maxval=jnp.array([150.0, 5.0]))
+        state = ShotState(target_m=target, wind_m_s=wind, time=jnp.zeros((), jnp.int32))
+        return self.get_obs(state), state
+
+    def get_obs(self, state, params=None, key=None):
+        return jnp.stack([state.target_m, state.wind_m_s])
+
+    def step_env(self, key, state, action, params):
+        landing = action[0] + action[1] / 10 + state.wind_m_s + params.noise_m * jax.random.normal(key)
+        next_state = ShotState(target_m=state.target_m, wind_m_s=state.wind_m_s, time=state.time + 1)
+        reward = -jnp.abs(landing - state.target_m)
+        info = {"landing_m": landing, "hit": jnp.abs(landing - state.target_m) < 1.0, "discount": jnp.zeros(())}
+        return self.get_obs(next_state), next_state, reward, jnp.ones((), bool), info
+
+    def is_terminated(self, state, params):
+        return state.time >= 1
+
+    @property
+    def name(self):
+        return "NoisyShot-v0"
+
+    def action_space(self, params=None):
+        return Box(jnp.array([10.0, 50.0]), jnp.array([80.0, 500.0]), (2,), jnp.float32)
+
+    def observation_space(self, params=None):
+        return Box(jnp.array([50.0, -5.0]), jnp.array([150.0, 5.0]), (2,), jnp.float32)
+
+
+def test_generic_shell_random_transition_and_info():
+    env = dgym.DiffgymEnv(NoisyShot())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*symmetric and normalized.*")  # bounds in deg and kg
+        check_env(env, skip_render_check=True)
+    action = np.array([45.0, 300.0], np.float32)
+    obs, _ = env.reset(seed=4)
+    _, reward, terminated, truncated, info = env.step(action)
+    assert terminated and not truncated and set(info) == {"landing_m", "hit"}
+    assert isinstance(info["landing_m"], np.float32) and isinstance(info["hit"], np.bool_)
+    assert reward == pytest.approx(-abs(float(info["landing_m"]) - obs[0]), abs=1e-4)
+    # The noise comes from the shell's key: reproducible under a seed, fresh on every shot.
+    landings = []
+    for seed in (4, 4, None, None):
+        obs_again, _ = env.reset(seed=seed)
+        landings.append(float(env.step(action)[4]["landing_m"]))
+    assert landings[0] == landings[1] == float(info["landing_m"])
+    assert len(set(landings[1:])) == 3
+    with pytest.raises(ValueError, match=r"low=\[10.0, 50.0\], high=\[80.0, 500.0\]"):
+        env.step(np.array([45.0, 600.0], np.float32))
+
+
+def test_generic_vector_env_one_shot_episodes():
+    envs = dgym.DiffgymVectorEnv(NoisyShot(), num_envs=4, max_episode_steps=1)
+    envs.reset(seed=0)
+    actions = np.tile(np.array([45.0, 300.0], np.float32), (4, 1))
+    _, reward, terminated, truncated, _ = envs.step(actions)
+    assert terminated.all() and truncated.all() and (reward < 0).all()
+    assert len(set(reward.tolist())) == 4  # independent noise per env
+    _, reward, terminated, truncated, _ = envs.step(actions)  # NEXT_STEP: the reset step
+    assert (reward == 0).all() and not terminated.any() and not truncated.any()
