@@ -8,8 +8,9 @@ the diffgym shells of both, gymnasium's own JAX ``phys2d/CartPole-v1`` (needs fl
 it (TimeLimit, OrderEnforcing, PassiveEnvChecker), so like is compared with like; plus the vector
 envs. Only ``step`` calls are timed (each call on its own clock; resets are left out). Actions are
 numpy scalars / float32 arrays, what Stable-Baselines3's DummyVecEnv hands an env. The whole table
-is measured twice, with XLA's default threading and with XLA pinned to one thread; the numpy rows,
-which XLA does not touch, show the run-to-run noise.
+is measured under three process-wide settings (``CONFIGS``: XLA's default threading, XLA pinned to
+one thread, and that plus synchronous CPU dispatch); the numpy rows, which these settings do not
+touch, show the run-to-run noise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from pathlib import Path
 import numpy as np
 
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+#: The process-wide settings compared, as environment variables of a fresh process each.
+CONFIGS = {
+    "default": {},
+    "XLA one thread": {"XLA_FLAGS": SINGLE_THREAD_XLA},
+    "XLA one thread, sync dispatch": {
+        "XLA_FLAGS": SINGLE_THREAD_XLA,
+        "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
+    },
+}
 RESULTS = Path(__file__).parent / "results" / "shell.md"
 
 
@@ -61,9 +71,8 @@ def time_steps(env, steps: int, repeats: int) -> dict:
 
 
 def time_vector_steps(envs, steps: int, repeats: int) -> dict:
-    rng = np.random.default_rng(0)
+    envs.action_space.seed(0)
     actions = [envs.action_space.sample() for _ in range(min(steps, 64))]
-    del rng
     envs.reset(seed=0)
     for action in actions:
         envs.step(action)
@@ -100,7 +109,8 @@ def measure(steps: int, repeats: int, num_envs: int) -> dict:
         env = DiffgymEnv(env_id)
         env.reset(seed=0)
         env.step(env.action_space.sample())
-        rows[f"first reset+step (compile), diffgym/{env_id}"] = {"once_ms": (time.perf_counter() - started) * 1e3}
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        rows[f"first reset+step (compile), diffgym/{env_id}"] = {"once_ms": elapsed_ms}
 
     for env_id in ("CartPole-v1", "Pendulum-v1"):
         add(f"gymnasium {env_id} (numpy), raw", lambda: gymnasium.make(env_id).unwrapped)
@@ -108,8 +118,9 @@ def measure(steps: int, repeats: int, num_envs: int) -> dict:
         add(f"gymnasium {env_id} (numpy), gymnasium.make", lambda: gymnasium.make(env_id))
         add(f"diffgym/{env_id} shell, gymnasium.make", lambda: gymnasium.make(f"diffgym/{env_id}"))
     # gymnasium's own JAX shell is ~20x slower: fewer steps keep the run short.
-    add("gymnasium phys2d/CartPole-v1 (JAX), raw", lambda: gymnasium.make("phys2d/CartPole-v1").unwrapped, steps // 10)
-    add("gymnasium phys2d/CartPole-v1 (JAX), gymnasium.make", lambda: gymnasium.make("phys2d/CartPole-v1"), steps // 10)
+    jax_cartpole = "phys2d/CartPole-v1"
+    add(f"gymnasium {jax_cartpole} (JAX), raw", lambda: gymnasium.make(jax_cartpole).unwrapped, steps // 10)
+    add(f"gymnasium {jax_cartpole} (JAX), gymnasium.make", lambda: gymnasium.make(jax_cartpole), steps // 10)
 
     from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
@@ -123,11 +134,9 @@ def measure(steps: int, repeats: int, num_envs: int) -> dict:
     return rows
 
 
-def _child(xla_flags: str | None, args) -> dict:
-    """Run ``measure`` in a fresh process (XLA flags only take effect before jax starts)."""
-    env = dict(os.environ)
-    if xla_flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+def _child(settings: dict[str, str], args) -> dict:
+    """Run ``measure`` in a fresh process (XLA flags and the dispatch mode are read at jax's start)."""
+    env = {**os.environ, **settings}
     command = [sys.executable, "-m", "bench.bench_shell", "--child", "--steps", str(args.steps),
                "--repeats", str(args.repeats), "--num-envs", str(args.num_envs)]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True,
@@ -166,7 +175,7 @@ def _cell(row: dict | None) -> str:
     return f"{row['median_us']:.1f} (min {row['min_us']:.1f})"
 
 
-def report(default: dict, single: dict, args) -> str:
+def report(results: dict[str, dict], args) -> str:
     lines = [
         "# Gymnasium shell: time per `step` call",
         "",
@@ -177,20 +186,27 @@ def report(default: dict, single: dict, args) -> str:
         "",
         "Microseconds per `step` call: median over the repeats (min in brackets); only `step` is timed.",
         "\"raw\" is `env.unwrapped`; \"gymnasium.make\" adds TimeLimit, OrderEnforcing and",
-        f"PassiveEnvChecker. Right column: XLA pinned to one thread (`XLA_FLAGS=\"{SINGLE_THREAD_XLA}\"`).",
+        "PassiveEnvChecker. Columns: process-wide settings, each measured in a fresh process --",
+        f"\"XLA one thread\": `XLA_FLAGS=\"{SINGLE_THREAD_XLA}\"`; \"sync dispatch\": also",
+        "`JAX_CPU_ENABLE_ASYNC_DISPATCH=false` (jax runs each CPU computation inline). diffgym sets",
+        "neither: they are the user's choice for a process.",
         "",
-        "| case | default XLA | XLA one thread |",
-        "|---|---|---|",
+        "| case | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
     ]
-    for name in default:
-        lines.append(f"| {name} | {_cell(default[name])} | {_cell(single.get(name))} |")
-    lines += ["", "Ratios (diffgym shell / gymnasium numpy, medians, default XLA):", ""]
+    first = next(iter(results.values()))
+    for name in first:
+        lines.append(f"| {name} | " + " | ".join(_cell(rows.get(name)) for rows in results.values()) + " |")
+    lines += ["", "Ratios diffgym shell / gymnasium numpy (medians of the same column):", ""]
     for env_id in ("CartPole-v1", "Pendulum-v1"):
         for variant in ("raw", "gymnasium.make"):
-            ours = default.get(f"diffgym/{env_id} shell, {variant}", {})
-            theirs = default.get(f"gymnasium {env_id} (numpy), {variant}", {})
-            if "median_us" in ours and "median_us" in theirs:
-                lines.append(f"- {env_id}, {variant}: {ours['median_us'] / theirs['median_us']:.2f}x")
+            ratios = []
+            for config, rows in results.items():
+                ours = rows.get(f"diffgym/{env_id} shell, {variant}", {})
+                theirs = rows.get(f"gymnasium {env_id} (numpy), {variant}", {})
+                if "median_us" in ours and "median_us" in theirs:
+                    ratios.append(f"{config}: {ours['median_us'] / theirs['median_us']:.2f}x")
+            lines.append(f"- {env_id}, {variant}: " + "; ".join(ratios))
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +221,8 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(measure(args.steps, args.repeats, args.num_envs)))
         return
-    default = _child(None, args)
-    single = _child(SINGLE_THREAD_XLA, args)
-    text = report(default, single, args)
+    results = {name: _child(settings, args) for name, settings in CONFIGS.items()}
+    text = report(results, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -304,7 +304,9 @@ def _kernels(factory: Callable, env: Environment, params: EnvParams, *extra):
 # --------------------------------------------------------------------------------------------
 # Action validation
 # --------------------------------------------------------------------------------------------
-_INTEGER_TYPES = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64})
+_INTEGER_TYPES = frozenset(
+    {int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64}
+)
 
 
 def _describe(value) -> str:
@@ -313,7 +315,9 @@ def _describe(value) -> str:
         text = text[:117] + "..."
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    details = f"{type(value).__name__}" + (f", shape {tuple(shape)}, dtype {dtype}" if shape is not None else "")
+    details = type(value).__name__
+    if shape is not None:
+        details += f", shape {tuple(shape)}, dtype {dtype}"
     return f"{text} ({details})"
 
 
@@ -349,10 +353,11 @@ def _box_action(env_name: str, space: spaces.Box, action, shape: tuple[int, ...]
         if ((array >= space.low) & (array <= space.high)).all():
             return array
         reason = "NaN or inf" if not np.isfinite(array).all() else "outside the action space"
-    hint = " (clip it first, e.g. np.clip(action, space.low, space.high))" if reason == "outside the action space" else ""
-    raise ValueError(
-        f"{env_name}: invalid action {_describe(action)}: {reason}; accepted: {_box_accepted(space, shape)}{hint}."
-    )
+    hint = ""
+    if reason == "outside the action space":
+        hint = " (clip it first, e.g. np.clip(action, space.low, space.high))"
+    accepted = _box_accepted(space, shape)
+    raise ValueError(f"{env_name}: invalid action {_describe(action)}: {reason}; accepted: {accepted}{hint}.")
 
 
 def _functional_env(env, env_kwargs: dict) -> tuple[str, Environment, EnvParams]:
@@ -495,7 +500,8 @@ class DiffgymEnv(gymnasium.Env):
         expected = self._kernels.state_struct
         if jax.tree.structure(state) != jax.tree.structure(expected):
             raise TypeError(
-                f"{self._name}: state must be a {type(expected).__name__} like env.state; got {_describe(state)}"
+                f"{self._name}: state must be a {type(expected).__name__} like env.state; "
+                f"got {_describe(state)}"
             )
         state = jax.tree.map(lambda x, s: jnp.broadcast_to(jnp.asarray(x, s.dtype), s.shape), state, expected)
         if self._buffer is None:
@@ -522,7 +528,9 @@ class DiffgymEnv(gymnasium.Env):
             from diffgym.render import Window
 
             height, width = frames[0].shape[:2]
-            self._window = Window(width, height, fps=self.metadata["render_fps"], title=f"diffgym/{self.env_id}")
+            self._window = Window(
+                width, height, fps=self.metadata["render_fps"], title=f"diffgym/{self.env_id}"
+            )
         self._window.show(frames)
         return None
 
@@ -575,9 +583,8 @@ class _VectorKernels:
                 ],
                 axis=1,
             )
-            return jnp.concatenate(
-                [self.carry.pack((key, state, prev_done)), jax.lax.bitcast_convert_type(out, jnp.uint32).ravel()]
-            )
+            out_words = jax.lax.bitcast_convert_type(out, jnp.uint32).ravel()
+            return jnp.concatenate([self.carry.pack((key, state, prev_done)), out_words])
 
         def reset(seed):
             trace_counts[(name, "vector_reset")] += 1
@@ -658,7 +665,9 @@ class DiffgymVectorEnv(VectorEnv):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer; got {num_envs!r}")
         if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode={render_mode!r} is not supported by the vector env; accepted: None, 'rgb_array'")
+            raise ValueError(
+                f"render_mode={render_mode!r} is not supported by the vector env; accepted: None, 'rgb_array'"
+            )
         self.env_id, self.functional_env, default_params = _functional_env(env_id, env_kwargs)
         self.params = default_params if params is None else params
         self.num_envs = int(num_envs)

@@ -260,7 +260,9 @@ def test_pendulum_episode_matches_gymnasium(seed):
 def test_state_property_round_trips_and_steps_from_the_assigned_state():
     env = dgym.DiffgymEnv("Pendulum-v1")
     env.reset(seed=0)
-    state = PendulumState(theta=np.float32(0.3), theta_dot=np.float32(-1.0), last_u=np.float32(0.5), time=np.int32(7))
+    state = PendulumState(
+        theta=np.float32(0.3), theta_dot=np.float32(-1.0), last_u=np.float32(0.5), time=np.int32(7)
+    )
     env.state = state
     for field in ("theta", "theta_dot", "last_u", "time"):
         assert float(getattr(env.state, field)) == float(getattr(state, field))
@@ -453,7 +455,8 @@ class NoisyShot(Environment):
         return ShotParams()
 
     def reset_env(self, key, params):
-        target, wind = jax.random.uniform(key, (2,), minval=jnp.array([50.0, -5.0]), maxval=jnp.array([150.0, 5.0]))
+        low, high = jnp.array([50.0, -5.0]), jnp.array([150.0, 5.0])
+        target, wind = jax.random.uniform(key, (2,), minval=low, maxval=high)
         state = ShotState(target_m=target, wind_m_s=wind, time=jnp.zeros((), jnp.int32))
         return self.get_obs(state), state
 
@@ -464,7 +467,8 @@ class NoisyShot(Environment):
         landing = action[0] + action[1] / 10 + state.wind_m_s + params.noise_m * jax.random.normal(key)
         next_state = ShotState(target_m=state.target_m, wind_m_s=state.wind_m_s, time=state.time + 1)
         reward = -jnp.abs(landing - state.target_m)
-        info = {"landing_m": landing, "hit": jnp.abs(landing - state.target_m) < 1.0, "discount": jnp.zeros(())}
+        hit = jnp.abs(landing - state.target_m) < 1.0
+        info = {"landing_m": landing, "hit": hit, "discount": jnp.zeros(())}
         return self.get_obs(next_state), next_state, reward, jnp.ones((), bool), info
 
     def is_terminated(self, state, params):
@@ -512,3 +516,28 @@ def test_generic_vector_env_one_shot_episodes():
     assert len(set(reward.tolist())) == 4  # independent noise per env
     _, reward, terminated, truncated, _ = envs.step(actions)  # NEXT_STEP: the reset step
     assert (reward == 0).all() and not terminated.any() and not truncated.any()
+
+
+# ------------------------------------------------------------------------------------------------
+# Stable-Baselines3, the main consumer of the shell
+# ------------------------------------------------------------------------------------------------
+def test_stable_baselines3_accepts_the_shells():
+    sb3_env_checker = pytest.importorskip("stable_baselines3.common.env_checker")
+    from stable_baselines3.common.env_util import make_vec_env
+
+    for env_id in ENV_IDS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sb3_env_checker.check_env(gymnasium.make(f"diffgym/{env_id}"))
+        # SB3 only recommends a [-1, 1] torque box for Pendulum, as it does for gymnasium's own.
+        assert all("symmetric and normalized" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    envs = make_vec_env("diffgym/CartPole-v1", n_envs=2, seed=0)
+    envs.reset()
+    finished = 0
+    for _ in range(60):
+        obs, rewards, dones, infos = envs.step(np.array([1, 1]))
+        for done, info in zip(dones, infos):
+            if done:
+                finished += 1
+                assert info["terminal_observation"].shape == (4,) and "episode" in info
+    assert obs.dtype == np.float32 and finished >= 2

@@ -22,14 +22,18 @@ pytest.importorskip("pygame")
 
 def cartpole_frame(x=0.0, theta=0.0, params=None) -> np.ndarray:
     env, default_params = diffgym.make("CartPole-v1")
-    state = CartPoleState(x=np.float32(x), x_dot=np.float32(0), theta=np.float32(theta), theta_dot=np.float32(0), time=np.int32(0))
+    zero = np.float32(0)
+    x, theta = np.float32(x), np.float32(theta)
+    state = CartPoleState(x=x, x_dot=zero, theta=theta, theta_dot=zero, time=np.int32(0))
     (frame,) = env.renderer().frames(state, default_params if params is None else params)
     return frame
 
 
 def pendulum_frame(theta=0.0, last_u=0.0) -> np.ndarray:
     env, params = diffgym.make("Pendulum-v1")
-    state = PendulumState(theta=np.float32(theta), theta_dot=np.float32(0), last_u=np.float32(last_u), time=np.int32(0))
+    state = PendulumState(
+        theta=np.float32(theta), theta_dot=np.float32(0), last_u=np.float32(last_u), time=np.int32(0)
+    )
     (frame,) = env.renderer().frames(state, params)
     return frame
 
@@ -177,7 +181,9 @@ def test_window_paces_frames_at_fps():
 
 
 def test_vector_env_renders_one_frame_per_env():
-    envs = gymnasium.make_vec("diffgym/CartPole-v1", num_envs=6, max_episode_steps=25, render_mode="rgb_array")
+    envs = gymnasium.make_vec(
+        "diffgym/CartPole-v1", num_envs=6, max_episode_steps=25, render_mode="rgb_array"
+    )
     envs.reset(seed=0)
     frames = envs.render()
     assert isinstance(frames, tuple) and len(frames) == 6

@@ -87,16 +87,20 @@ def horizontal_line(surface, y: int, color: Color) -> None:
     import_pygame().gfxdraw.hline(surface, 0, surface.get_width(), int(y), color)
 
 
-def thick_line(surface, start: tuple[float, float], end: tuple[float, float], width: float, color: Color) -> None:
+def thick_line(
+    surface, start: tuple[float, float], end: tuple[float, float], width: float, color: Color
+) -> None:
     """A ``width``-pixel bar from ``start`` to ``end`` (square ends), drawn as a polygon."""
     dx, dy = end[0] - start[0], end[1] - start[1]
     norm = math.hypot(dx, dy) or 1.0
     nx, ny = -dy / norm * width / 2, dx / norm * width / 2
-    fill_polygon(
-        surface,
-        [(start[0] + nx, start[1] + ny), (end[0] + nx, end[1] + ny), (end[0] - nx, end[1] - ny), (start[0] - nx, start[1] - ny)],
-        color,
-    )
+    corners = [
+        (start[0] + nx, start[1] + ny),
+        (end[0] + nx, end[1] + ny),
+        (end[0] - nx, end[1] - ny),
+        (start[0] - nx, start[1] - ny),
+    ]
+    fill_polygon(surface, corners, color)
 
 
 def arc_arrow(
@@ -143,7 +147,8 @@ def arc_arrow(
 
 
 class Renderer:
-    """Base of the renderer protocol: ``frames(state, params) -> list[np.ndarray]``, ``render_fps``, ``close()``.
+    """Base of the renderer protocol: ``frames(state, params) -> list[np.ndarray]``, ``render_fps``,
+    ``close()``.
 
     Frames are ``(height, width, 3)`` uint8. One frame per state for CartPole and Pendulum; an
     animated step (a trebuchet shot) returns all of its frames, to be shown at ``render_fps``.

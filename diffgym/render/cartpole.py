@@ -41,7 +41,8 @@ class CartPoleRenderer(Renderer):
             params = CartPoleParams()
         x, theta = float(state.x), float(state.theta)
         zoom = self.width / 600  # gymnasium's pixel sizes are for a 600 px wide frame
-        view = Viewport(self.height, scale=self.width / (2 * float(params.x_threshold)), origin=(self.width / 2, 100 * zoom))
+        scale = self.width / (2 * float(params.x_threshold))  # px per m
+        view = Viewport(self.height, scale=scale, origin=(self.width / 2, 100 * zoom))
         surface = new_surface(self.width, self.height)
 
         cart_x_px, cart_y_px = view.to_pixels(x, 0.0)

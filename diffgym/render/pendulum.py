@@ -6,7 +6,16 @@ import math
 
 import numpy as np
 
-from diffgym.render._pygame import BLACK, Renderer, Viewport, arc_arrow, fill_circle, new_surface, surface_to_frame, thick_line
+from diffgym.render._pygame import (
+    BLACK,
+    Renderer,
+    Viewport,
+    arc_arrow,
+    fill_circle,
+    new_surface,
+    surface_to_frame,
+    thick_line,
+)
 
 ROD_COLOR = (204, 77, 77)
 
@@ -32,7 +41,8 @@ class PendulumRenderer(Renderer):
             params = PendulumParams()
         theta, last_u, length = float(state.theta), float(state.last_u), float(params.l)
         extent = 2.2 * length
-        view = Viewport(self.height, scale=min(self.width, self.height) / (2 * extent), origin=(self.width / 2, self.height / 2))
+        scale = min(self.width, self.height) / (2 * extent)  # px per m
+        view = Viewport(self.height, scale=scale, origin=(self.width / 2, self.height / 2))
         surface = new_surface(self.width, self.height)
 
         pivot = view.to_pixels(0.0, 0.0)
