@@ -239,12 +239,18 @@ PHYSICS_CHANGES = [
 ]
 
 
+CHANGED_PARAMS_ROWS = 600
+
+
 @pytest.mark.parametrize("change", PHYSICS_CHANGES, ids=lambda c: ",".join(c))
 def test_changed_params_change_the_dynamics_as_in_gymnasium(change):
     rows = concat(
         record_episodes(range(30), random_action_probability=1.0, **change),
         record_episodes(range(30, 34), random_action_probability=0.2, **change),
     )
+    # A fixed number of rows, so the jitted batch step compiles once for every change.
+    assert len(rows["action"]) >= CHANGED_PARAMS_ROWS
+    rows = {name: column[:CHANGED_PARAMS_ROWS] for name, column in rows.items()}
     params = dataclasses.replace(DEFAULT_PARAMS, **change)
     states = states_from(rows, jnp.float32)
     actions = jnp.asarray(rows["action"])
