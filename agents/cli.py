@@ -105,15 +105,24 @@ class PlayArgs:
 
 @dataclasses.dataclass
 class CompareArgs:
-    """Train BPTT and the RL baselines on one env over several seeds; write the learning curves,
-    a summary table and plots to --out."""
+    """Train BPTT and the RL baselines on one env over several seeds, each with its tuned defaults.
+
+    Writes compare_<env>.md (steps and seconds to the threshold, final gymnasium returns),
+    compare_<env>.png (learning curves against env steps and wall-clock seconds) and
+    compare_<env>.json to --out."""
 
     env: str
-    """Environment: cartpole, pendulum (or an id)."""
+    """Environment: cartpole or pendulum (or an id)."""
     seeds: int = 3
     """Number of seeds per algorithm (seeds 0 .. N-1)."""
-    out: Path = Path("runs/compare")
-    """Output folder for the results and plots."""
+    out: Path = Path("bench/results")
+    """Output folder for the table, plot and JSON."""
+    algos: tuple[Literal["bptt", "ppo", "sb3"], ...] = ("bptt", "ppo", "sb3")
+    """Algorithms to compare (sb3 needs pip install 'diffgym[baselines]'; skipped without it)."""
+    budgets: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Env-step budget per algorithm overriding its default, e.g. --budgets ppo 20000."""
+    eval_episodes: int | None = None
+    """Gymnasium episodes of each final evaluation; None: 20 CartPole, 100 Pendulum."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +426,24 @@ def _compare_command(argv: list[str]) -> int:
         if error.name != "agents.compare":
             raise
         raise UsageError("compare is not available in this checkout (agents.compare is missing)") from None
-    run_comparison(env_id, seeds=args.seeds, out_dir=args.out)
+    unknown = sorted(set(args.budgets) - set(args.algos))
+    if unknown:
+        raise UsageError(f"--budgets names {unknown}, which are not among --algos {list(args.algos)}")
+    if any(steps < 1 for steps in args.budgets.values()):
+        raise UsageError(f"--budgets must be positive step counts, got {args.budgets}")
+    if args.eval_episodes is not None and args.eval_episodes < 1:
+        raise UsageError(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
+    try:
+        run_comparison(
+            env_id,
+            seeds=args.seeds,
+            out_dir=args.out,
+            algos=args.algos,
+            budgets=args.budgets,
+            final_eval_episodes=args.eval_episodes,
+        )
+    except ValueError as error:  # e.g. an env the comparison has no threshold for
+        raise UsageError(str(error)) from None
     return 0
 
 
