@@ -207,5 +207,7 @@ def test_compare_passes_its_options_to_run_comparison(tmp_path, monkeypatch):
     argv = ["compare", "--env", "pendulum", "--seeds", "2", "--out", str(tmp_path), "--algos", "bptt", "ppo",
             "--budgets", "ppo", "20000", "--eval-episodes", "5"]  # fmt: skip
     assert main(argv) == 0
-    expected = dict(seeds=2, out_dir=tmp_path, algos=("bptt", "ppo"), budgets={"ppo": 20000}, final_eval_episodes=5)
+    expected = dict(
+        seeds=2, out_dir=tmp_path, algos=("bptt", "ppo"), budgets={"ppo": 20000}, final_eval_episodes=5
+    )
     assert calls == [("Pendulum-v1", expected)]
