@@ -70,6 +70,8 @@ def test_checkpoint_reproduces_actions_and_reported_returns(cartpole_run):
         (["--algo", "bptt"], "--env is required"),
         (["play", "--env", "cartpole", "--record", "out.avi"], "extension '.avi' is not supported"),
         (["play", "--env", "cartpole", "--episodes", "0"], "--episodes must be at least 1"),
+        (["play", "--record", "out.gif"], "play needs --env (to use the bundled controller) or --policy DIR"),
+        (["play", "--env", "pendulm"], "Did you mean 'pendulum'?"),
         (["compare", "--env", "cartpole", "--seeds", "0"], "--seeds must be at least 1, got 0"),
     ],
 )
