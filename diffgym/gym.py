@@ -304,6 +304,7 @@ def _kernels(factory: Callable, env: Environment, params: EnvParams, *extra):
 # --------------------------------------------------------------------------------------------
 # Action validation
 # --------------------------------------------------------------------------------------------
+_FLOAT32 = np.dtype(np.float32)  # builtin dtypes are singletons: `is` is the cheapest test
 _INTEGER_TYPES = frozenset(
     {int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64}
 )
@@ -432,6 +433,11 @@ class DiffgymEnv(gymnasium.Env):
         else:
             self._encode_action = self._encode_box
             self._action_shape = tuple(self.action_space.shape)
+            # Python floats: for the few numbers of an action, comparing them in Python beats
+            # numpy's per-call overhead (the fast path of _encode_box).
+            self._action_bounds = list(
+                zip(self.action_space.low.ravel().tolist(), self.action_space.high.ravel().tolist())
+            )
 
     # -- actions -------------------------------------------------------------------------------
     def _encode_discrete(self, action) -> jax.Array:
@@ -447,6 +453,13 @@ class DiffgymEnv(gymnasium.Env):
         raise _discrete_error(self._name, self.action_space, action)
 
     def _encode_box(self, action) -> np.ndarray:
+        # Fast path: a float32 array of the right shape within bounds (NaN fails every comparison).
+        if type(action) is np.ndarray and action.dtype is _FLOAT32 and action.shape == self._action_shape:
+            for value, (low, high) in zip(action.ravel().tolist(), self._action_bounds):
+                if not low <= value <= high:
+                    break
+            else:
+                return action
         return _box_action(self._name, self.action_space, action, self._action_shape)
 
     # -- gymnasium API --------------------------------------------------------------------------
