@@ -177,7 +177,9 @@ def test_int_and_float_actions_give_bitwise_identical_transitions(episodes):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("action", [1, 1.0, np.int64(1), np.float32(1.0), True, jnp.array([1]), jnp.array(1.0)])
+@pytest.mark.parametrize(
+    "action", [1, 1.0, np.int64(1), np.float32(1.0), True, jnp.array([1]), jnp.array(1.0)]
+)
 def test_every_spelling_of_push_right_is_the_same_action(action):
     state = cartpole_state(0.01, -0.02, 0.03, 0.04)
     reference = ENV.step_env(None, state, jnp.int32(1), DEFAULT_PARAMS)[1]
@@ -197,7 +199,9 @@ def test_step_env_matches_gymnasium_float64_state(episodes):
             jax.random.key(0), states, jnp.asarray(episodes["action"]), DEFAULT_PARAMS
         )
         assert obs.dtype == jnp.float64
-        next_state = np.stack([next_states.x, next_states.x_dot, next_states.theta, next_states.theta_dot], -1)
+        next_state = np.stack(
+            [next_states.x, next_states.x_dot, next_states.theta, next_states.theta_dot], -1
+        )
         np.testing.assert_allclose(next_state, episodes["next_state"], rtol=0, atol=1e-9)
         np.testing.assert_array_equal(np.asarray(terminated), episodes["terminated"])
         np.testing.assert_array_equal(np.asarray(reward)[keep], episodes["reward"][keep])

@@ -67,7 +67,8 @@ def test_gymnax_api_signatures_and_return_types(env_id, key):
     assert bool(observation_space.contains(obs))
     action = action_space.sample(key_action)
     assert action.shape == action_space.shape and bool(action_space.contains(action))
-    assert env.num_actions == (action_space.n if isinstance(action_space, Discrete) else action_space.shape[0])
+    expected_num_actions = action_space.n if isinstance(action_space, Discrete) else action_space.shape[0]
+    assert env.num_actions == expected_num_actions
 
     result = env.step(key_step, state, action, params)
     assert len(result) == 6
@@ -99,7 +100,9 @@ def gymnax_style_rollout(rng_input, env, env_params, steps_in_episode):
         obs, state, rng = state_input
         rng, rng_step, rng_net = jax.random.split(rng, 3)
         action = env.action_space(env_params).sample(rng_net)
-        next_obs, next_state, reward, terminated, truncated, info = env.step(rng_step, state, action, env_params)
+        next_obs, next_state, reward, terminated, truncated, info = env.step(
+            rng_step, state, action, env_params
+        )
         carry = [next_obs, next_state, rng]
         return carry, [obs, state, action, reward, next_obs, next_state, terminated, truncated, info]
 
@@ -171,7 +174,8 @@ def test_jit_vmap_and_scan_agree_with_plain_calls(env_id):
     batched = jax.vmap(env.step_env, in_axes=(None, 0, None, None))(None, states, actions[0], params)[0]
     for i in range(5):
         one = jax.tree.map(lambda x: x[i], states)
-        np.testing.assert_allclose(batched[i], env.step_env(None, one, actions[0], params)[0], rtol=0, atol=1e-6)
+        expected = env.step_env(None, one, actions[0], params)[0]
+        np.testing.assert_allclose(batched[i], expected, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +242,8 @@ def test_box_space_samples_inside_finite_bounds_and_finite_values_for_infinite_o
     assert np.all(samples[:, 0] >= -2.0) and np.all(samples[:, 0] <= 2.0)
     assert np.all(samples[:, 1] >= -2.0) and np.all(samples[:, 1] <= 3.0)
     assert samples[:, 0].std() > 0.9  # spread over the box (uniform on [-2, 2]: std 1.15)
-    assert bool(box.contains(jnp.array([0.0, 2.5, 1e9]))) and not bool(box.contains(jnp.array([0.0, 3.5, 0.0])))
+    assert bool(box.contains(jnp.array([0.0, 2.5, 1e9])))
+    assert not bool(box.contains(jnp.array([0.0, 3.5, 0.0])))
 
 
 # --------------------------------------------------------------------------------------------

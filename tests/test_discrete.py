@@ -114,7 +114,9 @@ def test_straight_through_cartpole_rollout_is_the_hard_rollout_and_has_a_gradien
     soft_obs, soft_rewards, soft_actions = jax.jit(rollout, static_argnums=2)(
         policy_params, initial_state, straight_through
     )
-    hard_obs, hard_rewards, hard_actions = jax.jit(rollout, static_argnums=2)(policy_params, initial_state, hard_int)
+    hard_obs, hard_rewards, hard_actions = jax.jit(rollout, static_argnums=2)(
+        policy_params, initial_state, hard_int
+    )
     assert soft_actions.dtype == jnp.float32 and hard_actions.dtype == jnp.int32
     assert 0 < int(hard_actions.sum()) < ROLLOUT_STEPS  # both actions taken
     np.testing.assert_array_equal(soft_actions, hard_actions.astype(jnp.float32))

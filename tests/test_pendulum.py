@@ -91,7 +91,10 @@ def concat(*recordings):
 def states_from(rows, dtype) -> PendulumState:
     s = jnp.asarray(rows["state"], dtype)
     return PendulumState(
-        theta=s[:, 0], theta_dot=s[:, 1], last_u=jnp.zeros_like(s[:, 0]), time=jnp.asarray(rows["time"], jnp.int32)
+        theta=s[:, 0],
+        theta_dot=s[:, 1],
+        last_u=jnp.zeros_like(s[:, 0]),
+        time=jnp.asarray(rows["time"], jnp.int32),
     )
 
 
@@ -196,7 +199,8 @@ def test_reset_distribution_is_uniform_in_the_documented_box():
     keys = jax.random.split(jax.random.key(99), 4096)
     obs, states = jax.jit(jax.vmap(ENV.reset, in_axes=(0, None)))(keys, DEFAULT_PARAMS)
     theta, theta_dot = np.asarray(states.theta), np.asarray(states.theta_dot)
-    np.testing.assert_allclose(obs, np.stack([np.cos(theta), np.sin(theta), theta_dot], -1), rtol=0, atol=1e-7)
+    expected_obs = np.stack([np.cos(theta), np.sin(theta), theta_dot], -1)
+    np.testing.assert_allclose(obs, expected_obs, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(states.time), 0)
     np.testing.assert_array_equal(np.asarray(states.last_u), 0.0)
     assert np.all(np.abs(theta) <= np.pi) and np.all(np.abs(theta_dot) <= 1.0)
