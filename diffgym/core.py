@@ -216,9 +216,12 @@ def resolve_env_id(name: str) -> str:
     if bare.lower() in ALIASES:
         return ALIASES[bare.lower()]
     known = list(_REGISTRY) + list(ALIASES)
-    close = difflib.get_close_matches(bare, known, n=1, cutoff=0.4) or difflib.get_close_matches(
-        bare.lower(), [k.lower() for k in known], n=1, cutoff=0.4
-    )
+    # The case-blind retry suggests the registered spelling, not its lower-case form (which would
+    # not resolve: "CARTPOLE-V1" must hint "CartPole-v1", not "cartpole-v1").
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(bare, known, n=1, cutoff=0.4) or [
+        by_lower[k] for k in difflib.get_close_matches(bare.lower(), list(by_lower), n=1, cutoff=0.4)
+    ]
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"Unknown diffgym environment {name!r}.{hint} Known: {', '.join(known)}.")
 

@@ -47,6 +47,14 @@ def test_unknown_env_lists_the_known_ones_and_suggests_the_closest(name, closest
         assert known in message
 
 
+@pytest.mark.parametrize("name", ["CARTPOLE-V1", "Cartpole-V1", "cart-pole", "pendulum-v1", "PENDULUM_V1", "Pend"])
+def test_the_suggested_name_is_one_that_resolves(name):
+    with pytest.raises(ValueError, match="Did you mean") as error:
+        diffgym.make(name)
+    suggestion = re.search(r"Did you mean '([^']+)'\?", str(error.value)).group(1)
+    assert diffgym.resolve_env_id(suggestion) in diffgym.registered_envs()
+
+
 def test_non_string_env_id_says_what_it_got():
     with pytest.raises(TypeError, match=r"got 3 of type int"):
         diffgym.make(3)
