@@ -152,6 +152,21 @@ def test_gymnax_style_scan_rollout_with_auto_reset(env_id):
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
+def test_x64_rollout_keeps_float64_through_auto_reset(env_id):
+    """With x64 on, reset and step both give float64 states, so a scan carry survives auto-resets."""
+    env, params = diffgym.make(env_id)
+    with jax.enable_x64(True):
+        _, states, _, _, next_obs, next_states, terminated, truncated, _ = jax.jit(
+            gymnax_style_rollout, static_argnums=(1, 3)
+        )(jax.random.key(5), env, dataclasses.replace(params, max_steps_in_episode=10), 25)
+        assert bool((terminated | truncated).any())
+        assert next_obs.dtype == jnp.float64
+        for leaf in jax.tree.leaves(next_states):
+            assert leaf.dtype in (jnp.float64, jnp.int32)
+    assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
 def test_jit_vmap_and_scan_agree_with_plain_calls(env_id):
     env, params = diffgym.make(env_id)
     actions = jnp.asarray(np.random.default_rng(0).uniform(0.0, 1.0, (8, *env.action_space(params).shape)))
