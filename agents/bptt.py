@@ -1,0 +1,575 @@
+"""Backpropagation through time (BPTT): train a controller by differentiating the simulated return.
+
+No reinforcement learning here: the policy acts in diffgym's differentiable env, a surrogate cost
+is summed along the rollout, and its gradient with respect to the network's weights comes straight
+through the physics (``jax.grad`` of a ``lax.scan``). Optax applies the update.
+
+**Online truncated BPTT.** A batch of ``num_envs`` rollouts runs on; every ``window`` steps the
+cost of those last steps is backpropagated (through the policy and the dynamics of that window
+only), the weights are updated, and the rollouts go on from where they were: the simulator state
+is carried across window boundaries, the gradient is not. ``window = episode_length`` is
+whole-episode BPTT. This gives one update per ``num_envs * window`` simulated steps, which is what
+makes BPTT frugal: the FluxML "Differentiable Control Problems" post (2019) trains CartPole in
+about five episodes this way.
+
+**Surrogates.**
+
+* CartPole-v1: the reward (1 per step until termination) has no gradient, so training minimises
+  ``angle_weight (theta / 12°)^2 + position_weight (x / 2.4 m)^2
+  + velocity_weight ((x_dot / 2)^2 + (theta_dot / 2)^2)`` per step. Actions go through the
+  straight-through discretizer: exactly 0 or 1 forward (the env sees gymnasium's actions), the
+  gradient of ``sigmoid(logit / temperature)`` backward. When a training rollout crosses
+  gymnasium's termination thresholds it is reset at once, as ``Environment.step`` does: the cost of
+  the failing step is counted, the gradient is cut at the reset.
+* Pendulum-v1: the env's own cost ``theta^2 + 0.1 theta_dot^2 + 0.001 u^2`` is smooth (bar the
+  documented clips), so it is the training loss as is. The torque is ``2 tanh(raw)``, inside ±2.
+
+Evaluations (the learning curve) always use ``agents.common.evaluate``: hard actions, the true env
+reward, gymnasium's reset distribution, fresh episodes each time.
+
+**One compiled function.** Training runs in chunks of updates, each chunk a single jitted
+``lax.scan`` over updates; between chunks the impure loop evaluates, reports progress and renders.
+A partial last chunk reuses the same compiled function (the surplus updates are skipped by
+``lax.cond``), so one train call compiles the chunk once, plus the cached evaluator.
+
+**NaN guard.** An update whose loss, gradient or simulated state is not finite is not applied; the
+chunk freezes, and ``train`` raises ``FloatingPointError`` naming the update, the env step and what
+went non-finite, instead of carrying on with corrupted weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import diffgym
+from agents.common import ProgressFn, TrainResult, evaluate
+from agents.policy import Policy
+from diffgym.discrete import straight_through_bernoulli
+from diffgym.envs.cartpole import CartPoleState
+from diffgym.envs.pendulum import PendulumState, angle_normalize
+
+SUPPORTED_ENVS = ("CartPole-v1", "Pendulum-v1")
+
+
+@dataclasses.dataclass
+class BPTTConfig:
+    """Hyper-parameters of BPTT training (defaults: see ``default_config`` for tuned per-env values)."""
+
+    total_env_steps: int = 5_000
+    """Training budget in simulated env steps (every step of every parallel rollout counts)."""
+    num_envs: int = 1
+    """Parallel rollouts per update (``vmap``); the gradient is their mean."""
+    window: int = 10
+    """Truncation window: simulated steps backpropagated per update. Equal to ``episode_length`` for
+    whole-episode BPTT. The env state is carried across windows, the gradient is not."""
+    episode_length: int = 500
+    """Training rollouts restart from a fresh start state after this many steps (or at CartPole's
+    termination)."""
+    learning_rate: float = 1e-2
+    """Adam step size at the first update."""
+    final_learning_rate_fraction: float = 1.0
+    """The step size decays linearly to ``learning_rate * final_learning_rate_fraction`` at the last
+    update of the budget (1 = constant)."""
+    max_grad_norm: float = 1.0
+    """Global-norm gradient clipping threshold applied before Adam."""
+    width: int = 32
+    """Hidden layer width of the policy MLP."""
+    depth: int = 1
+    """Number of hidden layers of the policy MLP."""
+    activation: str = "tanh"
+    """Hidden activation: tanh, relu, elu or softplus."""
+    output_scale: float = 0.1
+    """The initial weights and bias of the output layer are multiplied by this (small first actions:
+    a centred torque, logits near 0 where the straight-through gradient is largest)."""
+    temperature: float = 1.0
+    """Straight-through temperature (discrete envs): gradient of ``sigmoid(logit / temperature)``."""
+    obs_scale: tuple[float, ...] = ()
+    """Typical magnitude of each observation entry, used to scale the network's inputs while
+    training (folded into the first layer of the returned policy). Empty: the env's default."""
+    discount: float = 1.0
+    """Per-step weight ``discount**t`` on the cost inside a window (1 = plain sum)."""
+    angle_weight: float = 1.0
+    """CartPole surrogate: weight of ``(theta / theta_threshold)^2``."""
+    position_weight: float = 0.1
+    """CartPole surrogate: weight of ``(x / x_threshold)^2``."""
+    velocity_weight: float = 0.0
+    """CartPole surrogate: weight of ``(x_dot / 2 m/s)^2 + (theta_dot / 2 rad/s)^2``."""
+    energy_weight: float = 0.0
+    """Pendulum surrogate: weight of the squared energy gap to upright-at-rest (normalised to 1 for
+    hanging at rest), added to the env's cost."""
+    start_half_width: float = 0.05
+    """CartPole training starts: every state variable uniform in ±this (gymnasium: 0.05)."""
+    start_max_speed: float = 1.0
+    """Pendulum training starts: ``theta`` uniform in [-pi, pi], ``theta_dot`` uniform in ±this rad/s
+    (gymnasium: 1)."""
+    eval_every: int = 500
+    """Env steps between learning-curve evaluations (rounded to whole updates)."""
+    eval_episodes: int = 20
+    """Functional-env episodes per evaluation (hard actions, true reward)."""
+    stop_at_return: float | None = None
+    """Stop as soon as an evaluation's mean return reaches this; ``None`` trains the whole budget."""
+    keep_best: bool = True
+    """Return the policy of the best evaluation rather than the last one (the evaluations draw fresh
+    episodes each time, so this picks on different episodes than any final test)."""
+
+
+def default_config(env_id: str) -> BPTTConfig:
+    """Tuned defaults for ``"CartPole-v1"`` or ``"Pendulum-v1"`` (short names accepted)."""
+    env_id = _supported(env_id)
+    if env_id == "CartPole-v1":
+        return BPTTConfig(
+            total_env_steps=5_000,
+            num_envs=1,
+            window=10,
+            episode_length=500,
+            learning_rate=1e-2,
+            eval_every=500,
+            eval_episodes=20,
+            stop_at_return=500.0,
+        )
+    return BPTTConfig(
+        total_env_steps=20_000,
+        num_envs=1,
+        window=8,
+        episode_length=200,
+        learning_rate=1e-2,
+        width=32,
+        depth=2,
+        energy_weight=1000.0,
+        eval_every=2_000,
+        eval_episodes=100,
+        stop_at_return=None,
+    )
+
+
+def _supported(env_id: str) -> str:
+    env_id = diffgym.resolve_env_id(env_id)
+    if env_id not in SUPPORTED_ENVS:
+        raise ValueError(f"BPTT trains {', '.join(SUPPORTED_ENVS)}; got {env_id!r}")
+    return env_id
+
+
+# --------------------------------------------------------------------------------------------
+# Per-env pieces: policy head, observation scale, training starts, surrogate cost
+# --------------------------------------------------------------------------------------------
+_DEFAULT_OBS_SCALE = {
+    # x (m), x_dot (m/s), theta (rad: the 12° threshold), theta_dot (rad/s)
+    "CartPole-v1": (2.4, 2.0, 0.21, 2.0),
+    # cos, sin, theta_dot (rad/s, max_speed 8)
+    "Pendulum-v1": (1.0, 1.0, 8.0),
+}
+
+
+def _policy_spec(env_id: str, env, params, config: BPTTConfig) -> dict:
+    obs_size = int(env.observation_space(params).shape[0])
+    common = dict(obs_size=obs_size, width=config.width, depth=config.depth, activation=config.activation)
+    if env_id == "CartPole-v1":
+        return dict(common, action_size=1, kind="bernoulli", low=(), high=())
+    torque = float(params.max_torque)
+    return dict(common, action_size=1, kind="box", low=(-torque,), high=(torque,))
+
+
+#: Uniform draws in [0, 1) that make one training start state.
+_START_DRAWS = {"CartPole-v1": 4, "Pendulum-v1": 2}
+
+
+def _training_start(env_id: str, params, config: BPTTConfig, uniforms: jax.Array):
+    """A training start state from ``_START_DRAWS[env_id]`` uniforms in [0, 1) (last axis).
+
+    CartPole: ``x, x_dot, theta, theta_dot`` uniform in ±``start_half_width`` (gymnasium: ±0.05).
+    Pendulum: ``theta`` uniform in [-pi, pi], ``theta_dot`` in ±``start_max_speed`` (gymnasium: ±1),
+    which includes the hard starts hanging down at rest.
+
+    The uniforms come from the host (numpy), so the compiled training step holds no PRNG: that
+    keeps its compile time low. Works on any leading batch shape.
+    """
+    centred = 2.0 * uniforms - 1.0
+    time_zero = jnp.zeros(uniforms.shape[:-1], jnp.int32)
+    if env_id == "CartPole-v1":
+        x, x_dot, theta, theta_dot = jnp.moveaxis(centred * config.start_half_width, -1, 0)
+        return CartPoleState(x=x, x_dot=x_dot, theta=theta, theta_dot=theta_dot, time=time_zero)
+    theta = centred[..., 0] * jnp.pi
+    theta_dot = centred[..., 1] * config.start_max_speed
+    return PendulumState(theta=theta, theta_dot=theta_dot, last_u=jnp.zeros_like(theta), time=time_zero)
+
+
+def _surrogate_cost(env_id: str, params, config: BPTTConfig, next_state, reward) -> jax.Array:
+    """Smooth per-step cost to minimise (see the module docstring)."""
+    if env_id == "CartPole-v1":
+        return (
+            config.angle_weight * (next_state.theta / params.theta_threshold_radians) ** 2
+            + config.position_weight * (next_state.x / params.x_threshold) ** 2
+            + config.velocity_weight * ((next_state.x_dot / 2.0) ** 2 + (next_state.theta_dot / 2.0) ** 2)
+        )
+    # Pendulum: the env's own cost, plus the squared energy gap to upright-at-rest. Per unit
+    # inertia, E = theta_dot^2 / 2 + k cos(theta) with k = 3 g / (2 l) is conserved without torque;
+    # upright at rest has E = k, hanging at rest -k. A short window cannot see the swing-up pay off
+    # through the angle cost alone (and the speed cost even discourages swinging), but it sees the
+    # energy gap shrink at once: pumping energy is then a one-window lesson.
+    # The env's reward scores the state *before* the step; scoring the state the action leads to
+    # lets even a one-step window see the action's effect on the angle and speed.
+    theta = angle_normalize(next_state.theta)
+    cost = theta**2 + 0.1 * next_state.theta_dot**2 + 0.001 * next_state.last_u**2
+    k = 3.0 * params.g / (2.0 * params.l)
+    energy_gap = (0.5 * next_state.theta_dot**2 + k * jnp.cos(next_state.theta) - k) / (2.0 * k)
+    return cost + config.energy_weight * energy_gap**2
+
+
+# --------------------------------------------------------------------------------------------
+# Observation scaling: trained on scaled inputs, returned with the scale folded into layer 0
+# --------------------------------------------------------------------------------------------
+def _fold_obs_scale(policy: Policy, obs_scale: jax.Array) -> Policy:
+    """The policy acting on raw observations: ``W0 @ (obs / scale) == (W0 / scale) @ obs``."""
+    folded = np.asarray(policy.mlp.layers[0].weight) / np.asarray(obs_scale)  # numpy: no kernel to compile
+    return eqx.tree_at(lambda p: p.mlp.layers[0].weight, policy, jnp.asarray(folded))
+
+
+# --------------------------------------------------------------------------------------------
+# The pure training step
+# --------------------------------------------------------------------------------------------
+# Bits of the non-finite report
+_NONFINITE_STATE, _NONFINITE_LOSS, _NONFINITE_GRAD = 1, 2, 4
+
+
+def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimizer, obs_scale):
+    """Build ``run_chunk(carry, start_uniforms, num_active) -> (carry, (losses, grad_norms))``.
+
+    One call makes ``_updates_per_chunk(config)`` updates, of which the first ``num_active`` run and
+    the rest are skipped (``lax.cond``: nothing simulated). ``start_uniforms`` has shape
+    ``(updates, num_envs, window, _START_DRAWS[env_id])``: the start state used if a rollout resets
+    at that step. ``carry`` is ``(weights, opt_state, states, update_index, failed_code,
+    failed_update, failed_window_step)``.
+    """
+    env, _ = diffgym.make(env_id)
+    discrete = env_id == "CartPole-v1"
+    train_params = dataclasses.replace(params, max_steps_in_episode=config.episode_length)
+    step_weights = config.discount ** jnp.arange(config.window, dtype=jnp.float32)
+
+    def act(weights, obs):
+        policy = eqx.combine(weights, static)
+        out = policy.raw(obs / obs_scale)
+        if discrete:
+            return straight_through_bernoulli(out[0], config.temperature)
+        return policy._squash(out)
+
+    def env_step(weights, state, start_uniforms):
+        """One training step of one rollout, reset at termination or at the episode's end."""
+        action = act(weights, env.get_obs(state, train_params))
+        # Both envs ignore the step key (deterministic_transition); the reset draw is ours.
+        _, next_state, reward, terminated, _ = env.step_env(None, state, action, train_params)
+        cost = _surrogate_cost(env_id, train_params, config, next_state, reward)
+        done = terminated | env.is_truncated(next_state, train_params)
+        fresh = _training_start(env_id, train_params, config, start_uniforms)
+        # The reset state is a constant: the gradient is cut there, as Environment.step does.
+        carried = jax.tree.map(lambda r, s: jnp.where(done, r, s), fresh, next_state)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(next_state)]))
+        return carried, (cost, finite)
+
+    def window_loss(weights, states, start_uniforms):
+        """Discount-weighted mean cost per step of one window, averaged over the rollouts."""
+
+        def one_rollout(state, uniforms):
+            return jax.lax.scan(lambda state, u: env_step(weights, state, u), state, uniforms)
+
+        states, (costs, finite) = jax.vmap(one_rollout)(states, start_uniforms)
+        loss = jnp.mean(costs @ step_weights) / jnp.sum(step_weights)
+        return loss, (states, finite)
+
+    grad_fn = jax.value_and_grad(window_loss, has_aux=True)
+
+    def update(carry, start_uniforms):
+        weights, opt_state, states, update_index, failed_code, failed_update, failed_step = carry
+        (loss, (new_states, finite)), grads = grad_fn(weights, states, start_uniforms)
+        grad_norm = optax.tree.norm(grads)
+        state_ok = jnp.all(finite)
+        code = (
+            jnp.where(state_ok, 0, _NONFINITE_STATE)
+            | jnp.where(jnp.isfinite(loss), 0, _NONFINITE_LOSS)
+            | jnp.where(jnp.isfinite(grad_norm), 0, _NONFINITE_GRAD)
+        )
+        ok = code == 0
+        updates, new_opt_state = optimizer.update(grads, opt_state, weights)
+        new_weights = optax.apply_updates(weights, updates)
+
+        def keep(new, old):
+            # A non-finite update is dropped whole: weights, optimiser moments and env states.
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        carry = (
+            keep(new_weights, weights),
+            keep(new_opt_state, opt_state),
+            keep(new_states, states),
+            update_index + 1,
+            code,
+            jnp.where(ok, failed_update, update_index),
+            # The first simulated step of the window (any rollout) whose state is non-finite.
+            jnp.where(ok, failed_step, jnp.where(state_ok, -1, jnp.argmin(jnp.all(finite, axis=0)))),
+        )
+        return carry, (loss, grad_norm)
+
+    def skip(carry, start_uniforms):
+        return carry, (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+
+    def run_chunk(carry, start_uniforms, num_active):
+        def body(carry, xs):
+            index, uniforms = xs
+            healthy = carry[4] == 0
+            return jax.lax.cond((index < num_active) & healthy, update, skip, carry, uniforms)
+
+        indices = jnp.arange(start_uniforms.shape[0])
+        return jax.lax.scan(body, carry, (indices, start_uniforms))
+
+    return jax.jit(run_chunk)
+
+
+def _steps_per_update(config: BPTTConfig) -> int:
+    return config.num_envs * config.window
+
+
+def _updates_per_chunk(config: BPTTConfig) -> int:
+    return max(1, round(config.eval_every / _steps_per_update(config)))
+
+
+def _validate(config: BPTTConfig) -> None:
+    positive = ("total_env_steps", "num_envs", "window", "episode_length", "width", "eval_every", "eval_episodes")
+    for name in positive:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"BPTTConfig.{name} must be a positive integer, got {value!r}")
+    if config.depth < 0:
+        raise ValueError(f"BPTTConfig.depth must be >= 0, got {config.depth!r}")
+    for name in ("learning_rate", "max_grad_norm", "temperature"):
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"BPTTConfig.{name} must be > 0, got {value!r}")
+    if config.window > config.episode_length:
+        raise ValueError(
+            f"BPTTConfig.window ({config.window}) is longer than episode_length ({config.episode_length}); "
+            "use window == episode_length for whole-episode BPTT"
+        )
+    if _steps_per_update(config) > config.total_env_steps:
+        raise ValueError(
+            f"one update simulates num_envs * window = {_steps_per_update(config)} steps, more than "
+            f"total_env_steps = {config.total_env_steps}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The impure loop
+# --------------------------------------------------------------------------------------------
+def train(
+    env_id: str,
+    config: BPTTConfig,
+    *,
+    seed: int = 0,
+    progress_fn: ProgressFn | None = None,
+    render_fn: Callable[[Policy], Any] | None = None,
+    env_params=None,
+) -> TrainResult:
+    """Train a policy on ``env_id`` by truncated BPTT through the differentiable env.
+
+    Args:
+        env_id: ``"CartPole-v1"`` or ``"Pendulum-v1"`` (short names accepted).
+        config: hyper-parameters; ``default_config(env_id)`` holds tuned ones.
+        seed: seeds the initial weights, the training starts and the evaluation episodes.
+        progress_fn: called after every chunk of updates (every ``config.eval_every`` env steps)
+            with ``env_steps``, ``updates``, ``wall_seconds``, ``loss`` (the surrogate cost per
+            step of the chunk's last update), ``grad_norm`` (before clipping) and ``eval_return``.
+        render_fn: called with the current policy (``policy(obs)`` is the hard action) after every
+            chunk, e.g. to show a rollout for the CLI's ``--render``.
+        env_params: env parameters to train and evaluate in (default: the env's own).
+
+    Returns:
+        ``TrainResult``: ``env_steps`` counts every simulated training step of every rollout
+        (evaluation episodes excluded); ``compile_seconds`` is the part of ``wall_seconds`` spent
+        compiling the training chunk and, on its first use in this process, the evaluator.
+
+    Raises:
+        FloatingPointError: the loss, gradient or simulated state became NaN/Inf; the message names
+            the update and env step. The update is not applied.
+    """
+    env_id = _supported(env_id)
+    _validate(config)
+    start_time = time.perf_counter()
+    setup = _setup(env_id, config, seed, env_params)
+    params, spec, static, obs_scale, rng = setup.params, setup.spec, setup.static, setup.obs_scale, setup.rng
+    carry, run_chunk, draws = setup.carry, setup.run_chunk, _START_DRAWS[env_id]
+
+    steps_per_update = _steps_per_update(config)
+    total_updates = config.total_env_steps // steps_per_update
+    updates_per_chunk = min(_updates_per_chunk(config), total_updates)
+    uniforms_shape = (updates_per_chunk, config.num_envs, config.window, draws)
+    compile_seconds = 0.0
+    curve: list[dict] = []
+    updates_done = 0
+    compiled = None
+    best: tuple[float, Policy] | None = None  # (eval return, policy)
+
+    def current_policy(weights) -> Policy:
+        return _fold_obs_scale(eqx.combine(weights, static), obs_scale)
+
+    while updates_done < total_updates:
+        num_active = min(updates_per_chunk, total_updates - updates_done)
+        start_uniforms = jnp.asarray(rng.random(uniforms_shape, np.float32))
+        if compiled is None:
+            compile_start = time.perf_counter()
+            compiled = run_chunk.lower(carry, start_uniforms, jnp.int32(num_active)).compile(_COMPILER_OPTIONS)
+            compile_seconds += time.perf_counter() - compile_start
+        carry, (losses, grad_norms) = compiled(carry, start_uniforms, jnp.int32(num_active))
+        failed_code = int(carry[4])
+        if failed_code:
+            _raise_nonfinite(env_id, config, int(carry[5]), int(carry[6]), failed_code)
+        updates_done += num_active
+        policy = current_policy(carry[0])
+
+        eval_start = time.perf_counter()
+        eval_key = jax.random.key(int(rng.integers(2**31)))
+        returns = evaluate(env_id, policy, key=eval_key, episodes=config.eval_episodes, params=params)
+        if not curve:
+            # Bound on the evaluator's compile time: its first call in this process compiles it.
+            compile_seconds += time.perf_counter() - eval_start if _first_evaluation(env_id, config) else 0.0
+        point = {
+            "env_steps": updates_done * steps_per_update,
+            "updates": updates_done,
+            "wall_seconds": time.perf_counter() - start_time,
+            "loss": float(np.asarray(losses)[num_active - 1]),
+            "grad_norm": float(np.asarray(grad_norms)[num_active - 1]),
+            "eval_return": float(returns.mean()),
+            "eval_return_std": float(returns.std()),
+        }
+        curve.append(point)
+        if best is None or point["eval_return"] > best[0] or not config.keep_best:
+            best = (point["eval_return"], policy)
+        if progress_fn is not None:
+            progress_fn(dict(point))
+        if render_fn is not None:
+            render_fn(policy)
+        if config.stop_at_return is not None and point["eval_return"] >= config.stop_at_return:
+            break
+
+    return TrainResult(
+        policy=best[1],
+        spec=spec,
+        env_steps=updates_done * steps_per_update,
+        wall_seconds=time.perf_counter() - start_time,
+        compile_seconds=compile_seconds,
+        curve=curve,
+        extra={
+            "algorithm": "bptt",
+            "updates": updates_done,
+            "steps_per_update": steps_per_update,
+            "returned_eval_return": best[0],
+            "config": dataclasses.asdict(config),
+        },
+    )
+
+
+#: XLA options of the training chunk's compile. The chunk is tiny and runs for well under a
+#: second in all, so a cheaper backend optimisation trades ~2x slower steps for ~25% less
+#: compile time (measured on the 2-core CI machine; see bench/results/bptt.md).
+_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+_EVALUATED: set[tuple[str, int]] = set()
+
+
+def _first_evaluation(env_id: str, config: BPTTConfig) -> bool:
+    """Whether this process evaluates ``env_id`` with this many episodes for the first time."""
+    signature = (env_id, config.eval_episodes)
+    first = signature not in _EVALUATED
+    _EVALUATED.add(signature)
+    return first
+
+
+def _init_policy(spec: dict, output_scale: float, rng: np.random.Generator) -> Policy:
+    """A ``Policy`` with equinox's default initialisation drawn by numpy.
+
+    Every ``Linear`` layer gets weights and bias uniform in ±1/sqrt(fan_in), as ``eqx.nn.Linear``;
+    the output layer is then scaled by ``output_scale``. Drawing on the host avoids compiling
+    JAX's PRNG for a few hundred numbers.
+    """
+    skeleton = eqx.filter_eval_shape(Policy, **spec, key=jax.random.key(0))
+    layers = skeleton.mlp.layers
+    new_leaves = []
+    for index, layer in enumerate(layers):
+        bound = 1.0 / math.sqrt(layer.in_features)
+        scale = output_scale if index == len(layers) - 1 else 1.0
+        weight = rng.uniform(-bound, bound, layer.weight.shape).astype(np.float32) * scale
+        bias = rng.uniform(-bound, bound, layer.bias.shape).astype(np.float32) * scale
+        new_leaves += [jnp.asarray(weight), jnp.asarray(bias)]
+    return eqx.tree_at(
+        lambda p: [leaf for layer in p.mlp.layers for leaf in (layer.weight, layer.bias)], skeleton, new_leaves
+    )
+
+
+@dataclasses.dataclass
+class _Setup:
+    """Everything a training run starts from (shared by ``train`` and the tests)."""
+
+    params: Any
+    spec: dict
+    static: Any  # the policy's non-array part
+    obs_scale: np.ndarray
+    rng: np.random.Generator
+    carry: tuple  # (weights, opt_state, states, update_index, failed_code, failed_update, failed_step)
+    run_chunk: Callable
+
+
+def _setup(env_id: str, config: BPTTConfig, seed: int, env_params=None, optimizer=None) -> _Setup:
+    env, default_params = diffgym.make(env_id)
+    params = default_params if env_params is None else env_params
+    spec = _policy_spec(env_id, env, params, config)
+    obs_scale = np.asarray(config.obs_scale or _DEFAULT_OBS_SCALE[env_id], np.float32)
+    if obs_scale.shape != (spec["obs_size"],):
+        raise ValueError(
+            f"BPTTConfig.obs_scale needs {spec['obs_size']} entries for {env_id}, got {config.obs_scale!r}"
+        )
+    # Host-side randomness (numpy): no PRNG kernels to compile, and reproducible per seed.
+    rng = np.random.default_rng(seed)
+    weights, static = eqx.partition(_init_policy(spec, config.output_scale, rng), eqx.is_array)
+    if optimizer is None:
+        total_updates = config.total_env_steps // _steps_per_update(config)
+        schedule = optax.linear_schedule(
+            config.learning_rate, config.learning_rate * config.final_learning_rate_fraction, total_updates
+        )
+        optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule))
+    opt_state = jax.tree.map(
+        lambda leaf: jnp.asarray(np.zeros(leaf.shape, leaf.dtype)), jax.eval_shape(optimizer.init, weights)
+    )
+    train_params = dataclasses.replace(params, max_steps_in_episode=config.episode_length)
+    start_uniforms = rng.random((config.num_envs, _START_DRAWS[env_id]), np.float32)
+    states = _training_start(env_id, train_params, config, jnp.asarray(start_uniforms))
+    carry = (weights, opt_state, states, jnp.int32(0), jnp.int32(0), jnp.int32(-1), jnp.int32(-1))
+    run_chunk = _make_chunk_runner(env_id, params, config, static, optimizer, jnp.asarray(obs_scale))
+    return _Setup(params, spec, static, obs_scale, rng, carry, run_chunk)
+
+
+def _raise_nonfinite(env_id: str, config: BPTTConfig, update: int, window_step: int, code: int) -> None:
+    what = [
+        name
+        for bit, name in (
+            (_NONFINITE_STATE, "the simulated state"),
+            (_NONFINITE_LOSS, "the loss"),
+            (_NONFINITE_GRAD, "the gradient"),
+        )
+        if code & bit
+    ]
+    first_env_step = update * _steps_per_update(config)
+    where = f"update {update} (env steps {first_env_step}..{first_env_step + _steps_per_update(config)})"
+    if window_step >= 0:
+        where += f", first at step {window_step} of its {config.window}-step window"
+    raise FloatingPointError(
+        f"BPTT on {env_id} stopped at {where}: {' and '.join(what)} became non-finite (NaN or Inf). "
+        "That update was not applied, so the weights are those from before it. Check the env parameters "
+        f"and try a smaller learning_rate (now {config.learning_rate}) or max_grad_norm "
+        f"(now {config.max_grad_norm})."
+    )
