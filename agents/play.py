@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,9 @@ RECORD_EXTENSIONS = (".gif", ".mp4")
 
 #: Recorded frames wider than this are scaled down (keeps GIFs small enough for a README).
 MAX_RECORD_WIDTH = 480
+
+#: GIFs faster than this keep every k-th frame (a GIF delay under 2 cs is shown as 10 cs).
+MAX_GIF_FPS = 50
 
 _RENDER_EXTRA_HINT = "pip install 'diffgym[render]'"
 
@@ -203,8 +207,19 @@ def _make_gym_env(env_id: str, render_mode: str):
     return gymnasium.make(f"diffgym/{env_id}", render_mode=render_mode)
 
 
-def _status_line(env_id: str, episode: int, step: int, total: float) -> str:
+def _status_line(env_id: str, episode: int, step: int, total: float, start_obs: np.ndarray) -> str:
+    """What the caption (and a recording's overlay) says: the episode and its running return."""
+    if env_id == "Trebuchet-v0":  # one shot an episode: the task is the start observation
+        target, wind = (float(v) for v in start_obs[:2])
+        line = f"{env_id}  shot {episode}  target {target:.1f} m  wind {wind:+.1f} m/s"
+        return line + (f"  miss {-total:.2f} m" if step else "")
     return f"{env_id}  episode {episode}  step {step}  return {total:.1f}"
+
+
+def _episode_summary(env_id: str, episode: int, step: int, total: float, start_obs: np.ndarray) -> str:
+    if env_id == "Trebuchet-v0":
+        return _status_line(env_id, episode, step, total, start_obs).removeprefix(f"{env_id}  ")
+    return f"episode {episode}: return {total:.1f} in {step} steps"
 
 
 def _play_live(env_id, policy, episodes, seed, max_steps, echo) -> list[float]:
@@ -215,7 +230,7 @@ def _play_live(env_id, policy, episodes, seed, max_steps, echo) -> list[float]:
         episode = 0
         while episodes is None or episode < episodes:
             obs, _ = gym_env.reset(seed=seed + episode)
-            total, step, done = 0.0, 0, False
+            start_obs, total, step, done = obs, 0.0, 0, False
             while not done:
                 obs, reward, terminated, truncated, _ = gym_env.step(policy(obs))
                 total += float(reward)
@@ -226,9 +241,9 @@ def _play_live(env_id, policy, episodes, seed, max_steps, echo) -> list[float]:
                     returns.append(total)
                     echo(f"window closed during episode {episode + 1} (return so far {total:.1f})")
                     return returns
-                pygame.display.set_caption(_status_line(env_id, episode + 1, step, total))
+                pygame.display.set_caption(_status_line(env_id, episode + 1, step, total, start_obs))
             returns.append(total)
-            echo(f"episode {episode + 1}: return {total:.1f} in {step} steps")
+            echo(_episode_summary(env_id, episode + 1, step, total, start_obs))
             episode += 1
     finally:
         gym_env.close()
@@ -251,18 +266,18 @@ def _play_recorded(env_id, policy, episodes, seed, max_steps, record: Path, echo
     try:
         for episode in range(episodes):
             obs, _ = gym_env.reset(seed=seed + episode)
-            total, step, done = 0.0, 0, False
-            status = _status_line(env_id, episode + 1, 0, 0.0)
+            start_obs, total, step, done = obs, 0.0, 0, False
+            status = _status_line(env_id, episode + 1, 0, 0.0, start_obs)
             writer.add(renderer.frames(shell.state, shell.params)[-1:], status, pygame)
             while not done:
                 obs, reward, terminated, truncated, _ = gym_env.step(policy(obs))
                 total += float(reward)
                 step += 1
                 done = terminated or truncated or (max_steps is not None and step >= max_steps)
-                status = _status_line(env_id, episode + 1, step, total)
+                status = _status_line(env_id, episode + 1, step, total, start_obs)
                 writer.add(renderer.frames(shell.state, shell.params), status, pygame)
             returns.append(total)
-            echo(f"episode {episode + 1}: return {total:.1f} in {step} steps")
+            echo(_episode_summary(env_id, episode + 1, step, total, start_obs))
         writer.close()
     except BaseException:
         writer.abort()
@@ -270,7 +285,7 @@ def _play_recorded(env_id, policy, episodes, seed, max_steps, record: Path, echo
     finally:
         renderer.close()
         gym_env.close()
-    echo(f"recorded {writer.frames} frames at {fps} fps to {record}")
+    echo(f"recorded {writer.frames} frames ({len(writer)} kept, at {writer.fps:g} fps) to {record}")
     return returns
 
 
@@ -282,8 +297,13 @@ class _FrameWriter:
     """
 
     def __init__(self, path: Path, fps: int):
-        self.path, self.fps = path, fps
-        self.frames = 0
+        self.path = path
+        self.frames = 0  # frames rendered (a GIF may keep fewer, see below)
+        # GIF delays are whole centiseconds and viewers slow down delays under 2 cs, so a faster
+        # render (the trebuchet's 60 fps) keeps every stride-th frame.
+        gif = path.suffix.lower() == ".gif"
+        self._stride = math.ceil(fps / MAX_GIF_FPS) if gif else 1
+        self.fps = fps / self._stride
         self._images: list = []
         self._palette = None
         self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
@@ -297,12 +317,14 @@ class _FrameWriter:
     def add(self, frames: list[np.ndarray], text: str, pygame) -> None:
         """Append ``frames`` (each ``HxWx3`` uint8) with ``text`` drawn over them."""
         for frame in frames:
+            self.frames += 1
+            if (self.frames - 1) % self._stride:
+                continue
             frame = _with_overlay(np.asarray(frame, dtype=np.uint8), text, pygame)
             if self._mp4 is not None:
                 self._mp4.append_data(frame)
             else:
                 self._images.append(self._to_gif_frame(frame))
-            self.frames += 1
 
     def _to_gif_frame(self, frame: np.ndarray):
         from PIL import Image
@@ -323,11 +345,15 @@ class _FrameWriter:
             self._mp4.close()
         else:
             first, *rest = self._images
-            # GIF delays are whole centiseconds: 50 fps is exactly 2 cs a frame.
-            first.save(
-                self._tmp, save_all=True, append_images=rest, duration=1000 / self.fps, loop=0, optimize=False
-            )
+            # Whole-centisecond delays whose running sum tracks the true clock (30 fps: 3, 4, 3 cs).
+            ticks = np.round(np.arange(len(self._images) + 1) * 100 / self.fps).astype(int)
+            durations = (np.diff(ticks) * 10).tolist()
+            first.save(self._tmp, save_all=True, append_images=rest, duration=durations, loop=0, optimize=False)
         os.replace(self._tmp, self.path)
+
+    def __len__(self) -> int:
+        """Frames written (or to be written) to the file."""
+        return len(self._images) if self._mp4 is None else self.frames
 
     def abort(self) -> None:
         if self._mp4 is not None:
@@ -366,7 +392,10 @@ _TEXT_COLOR = np.array([20, 20, 20], np.float32)
 
 
 def _with_overlay(frame: np.ndarray, text: str, pygame) -> np.ndarray:
-    """A copy of ``frame`` (H, W, 3 uint8) with ``text`` drawn in its top-left corner."""
+    """A copy of ``frame`` (H, W, 3 uint8) with ``text`` drawn in its top-right corner.
+
+    Top right because the scenes keep it empty (the trebuchet writes its own labels top left).
+    """
     if not pygame.font.get_init():
         pygame.font.init()
     font = _FONT_CACHE.setdefault("record", pygame.font.Font(None, 22))
@@ -374,7 +403,7 @@ def _with_overlay(frame: np.ndarray, text: str, pygame) -> np.ndarray:
     # frame through a pygame surface costs more than rendering it.
     alpha = pygame.surfarray.array_alpha(font.render(text, True, (255, 255, 255))).T / np.float32(255)
     out = frame.copy()
-    top, left = 6, 8
+    top, left = 6, max(0, out.shape[1] - alpha.shape[1] - 8)
     height = min(alpha.shape[0], out.shape[0] - top)
     width = min(alpha.shape[1], out.shape[1] - left)
     alpha = alpha[:height, :width, None]

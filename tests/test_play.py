@@ -65,6 +65,12 @@ def test_record_pendulum_gif_from_a_policy_folder(tmp_path):
 
     with Image.open(gif) as image:
         assert image.n_frames == 2 * 6
+        durations = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            durations.append(image.info["duration"])
+    # Pendulum renders at 30 fps: whole-centisecond delays (30 or 40 ms) that keep real time.
+    assert set(durations) == {30, 40} and sum(durations) == 400
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
