@@ -177,8 +177,11 @@ def run_training(
         render: show rollouts of the improving policy in a pygame window.
         progress: show a tqdm progress bar.
 
-    The checkpoint is written before ``metrics.json``, each atomically: a folder holding
-    ``metrics.json`` holds the complete run.
+    Nothing is written until training has finished. Then the files of an earlier run in ``out``
+    are removed (``metrics.json`` first), the checkpoint is written (``policy.json`` last) and
+    ``metrics.json`` after the evaluation, each atomically: whatever interrupts it, a folder
+    holding ``metrics.json`` holds one complete run, and one holding ``policy.json`` a complete
+    checkpoint.
     """
     env_id = _resolve_env(env)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -192,7 +195,7 @@ def run_training(
     out = Path(out) if out is not None else default_out_dir(env_id, algo, seed)
 
     from agents.common import evaluate_gymnasium
-    from agents.policy import atomic_write_text, load_policy, save_policy
+    from agents.policy import CHECKPOINT_SPEC, atomic_write_text, load_policy, save_policy
 
     viewer = None
     if render:
@@ -211,6 +214,8 @@ def run_training(
         if viewer is not None:
             viewer.close()
 
+    for stale in ("metrics.json", CHECKPOINT_SPEC):  # never pair a new file with an old run's
+        (out / stale).unlink(missing_ok=True)
     save_policy(out, result.policy, result.spec, env_id=env_id, algo=algo, seed=seed)
     # Evaluate the checkpoint as written, so the numbers describe what load_policy gives a user.
     eval_seed = EVAL_SEED_OFFSET + 1000 * seed

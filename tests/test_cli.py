@@ -213,3 +213,30 @@ def test_compare_passes_its_options_to_run_comparison(tmp_path, monkeypatch):
         seeds=2, out_dir=tmp_path, algos=("bptt", "ppo"), budgets={"ppo": 20000}, final_eval_episodes=5
     )
     assert calls == [("Pendulum-v1", expected)]
+
+
+def test_a_crash_after_training_never_leaves_an_old_runs_metrics_beside_new_weights(tmp_path, monkeypatch):
+    import agents.bptt
+    import agents.common
+    from agents.common import TrainResult
+    from agents.policy import Policy
+
+    spec = dict(obs_size=4, action_size=1, kind="bernoulli", width=8, depth=1)
+
+    def untrained(env_id, config, *, seed, progress_fn=None, render_fn=None):
+        policy = Policy(**spec, key=jax.random.key(seed))
+        return TrainResult(policy, spec, env_steps=1, wall_seconds=0.0, compile_seconds=0.0, curve=[])
+
+    monkeypatch.setattr(agents.bptt, "train", untrained)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"seed": 7}')  # an earlier, complete run
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(agents.common, "evaluate_gymnasium", crash)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        main(["--env", "cartpole", "--out", str(out), "--no-progress"])
+    assert not (out / "metrics.json").exists()
+    assert agents.load_policy(out).env_id == "CartPole-v1"  # the new checkpoint is complete
