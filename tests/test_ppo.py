@@ -89,14 +89,15 @@ def test_config_errors_quote_the_values():
 def test_cartpole_learns_on_a_small_budget():
     """Fast tier: from a poor initial policy (seed 2 balances ~10 steps) to 475 within 40k steps."""
     config = dataclasses.replace(ppo.default_config("CartPole-v1"), total_env_steps=40_960)
-    points = []
-    result = ppo.train("CartPole-v1", config, seed=2, progress_fn=points.append)
+    points, rendered = [], []
+    result = ppo.train("CartPole-v1", config, seed=2, progress_fn=points.append, render_fn=rendered.append)
     assert isinstance(result.policy, Policy) and result.policy.kind == "bernoulli"
     assert result.curve[0]["env_steps"] == 0 and result.curve[0]["eval_return"] < 100
     assert result.extra["solved"], result.curve
     assert result.extra["env_steps_to_target"] <= 40_960
     assert result.env_steps == result.curve[-1]["env_steps"] == result.extra["env_steps_to_target"]
-    assert len(points) == len(result.curve) - 1 and {"loss", "approx_kl"} <= set(points[-1])
+    assert len(points) == len(rendered) == len(result.curve) - 1 and {"loss", "approx_kl"} <= set(points[-1])
+    assert all(isinstance(policy, Policy) for policy in rendered)
     assert 0 < result.compile_seconds < result.wall_seconds
     # The returned policy, re-evaluated on fresh episodes, still balances.
     returns = evaluate("CartPole-v1", result.policy, key=jax.random.key(99), episodes=32)
