@@ -244,17 +244,18 @@ class _SingleKernels:
         def zero_info():
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _public_info(step_out[4]))
 
-        def from_carry(carry):
+        def from_carry(carry, obs=None):
             state = carry[1] if self.random_transition else carry
+            obs = env.get_obs(state, params) if obs is None else obs
             terminated = env.is_terminated(state, params)
-            return assemble(carry, env.get_obs(state, params), jnp.zeros(()), terminated, zero_info())
+            return assemble(carry, obs, jnp.zeros(()), terminated, zero_info())
 
         def reset(seed):
             trace_counts[(name, "reset")] += 1
             key = jax.random.key(seed)
             key_carry, key_reset = jax.random.split(key)
-            _, state = env.reset_env(key_reset, params)
-            return from_carry((key_carry, state) if self.random_transition else state)
+            obs, state = env.reset_env(key_reset, params)
+            return from_carry((key_carry, state) if self.random_transition else state, obs)
 
         def step(buffer, action):
             trace_counts[(name, "step")] += 1
@@ -290,15 +291,22 @@ class _SingleKernels:
             self.discrete_actions = [jnp.asarray(i, jnp.int32) for i in range(action_space.n)]
 
 
-_KERNEL_CACHE: dict[Any, Any] = {}
+#: Compiled kernels by (env configuration, params, kind); least recently used first. Bounded, so
+#: shells made with many different params (domain randomisation) do not pile up executables.
+_KERNEL_CACHE: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_KERNEL_CACHE_SIZE = 32
 
 
 def _kernels(factory: Callable, env: Environment, params: EnvParams, *extra):
     cache_key = _cache_key(env, params, factory, *extra)
     if cache_key is None:
         return factory(env, params, *extra)
-    if cache_key not in _KERNEL_CACHE:
+    if cache_key in _KERNEL_CACHE:
+        _KERNEL_CACHE.move_to_end(cache_key)
+    else:
         _KERNEL_CACHE[cache_key] = factory(env, params, *extra)
+        if len(_KERNEL_CACHE) > _KERNEL_CACHE_SIZE:
+            _KERNEL_CACHE.popitem(last=False)
     return _KERNEL_CACHE[cache_key]
 
 

@@ -417,7 +417,9 @@ def test_trebuchet_shell_one_shot_episode():
     if not hasattr(module, "Trebuchet"):
         pytest.skip("diffgym.envs.trebuchet has no Trebuchet env yet")
     env = gymnasium.make("diffgym/Trebuchet-v0")
-    check_env(env.unwrapped, skip_render_check=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*symmetric and normalized.*")  # deg and kg bounds
+        check_env(env.unwrapped, skip_render_check=True)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (2,) and obs.dtype == np.float32
     assert env.action_space.shape == (2,)
