@@ -158,9 +158,9 @@ def _machine() -> str:
         pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
-        f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average at the start (1/5/15 min): {load}\n"
-        f"- Python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
-        f"gymnasium {gymnasium.__version__}, numpy {np.__version__}\n"
+        f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average at the end (1/5/15 min): {load}\n"
+        f"- Python {platform.python_version()} ({sys.prefix}), jax {jax.__version__} "
+        f"({jax.default_backend()}), gymnasium {gymnasium.__version__}, numpy {np.__version__}\n"
         f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
 
