@@ -22,9 +22,10 @@ def pytree_dataclass(cls):
     """Make ``cls`` a frozen dataclass whose fields are all pytree leaves.
 
     ``dataclasses.replace`` works on the result, and a batch of them (one leading axis on every
-    field) can be built with ``jax.tree.map`` and consumed with ``jax.vmap``.
+    field) can be built with ``jax.tree.map`` and consumed with ``jax.vmap``. Fields are
+    keyword-only: subclasses inherit ``time`` first, so positional construction would be a trap.
     """
-    cls = dataclasses.dataclass(frozen=True)(cls)
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
     return jax.tree_util.register_dataclass(cls)
 
 
