@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
 
@@ -129,16 +130,50 @@ class CompareArgs:
 # Training, callable from Python
 # --------------------------------------------------------------------------------------------
 def algorithm_module(algo: str, env_id: str):
-    """The trainer module for ``algo`` on ``env_id`` (imported lazily; a UsageError if none)."""
+    """The trainer for ``algo`` on ``env_id``: an object with ``default_config(env_id)`` and
+    ``train(env_id, config, *, seed, progress_fn, render_fn)`` (imported lazily; UsageError if none)."""
     if algo not in ALGORITHMS:
         raise UsageError(f"unknown --algo {algo!r}; choose one of: {', '.join(ALGORITHMS)}")
-    module_name = ALGORITHMS[algo]
+    if env_id == "Trebuchet-v0":
+        if algo != "bptt":
+            raise UsageError(
+                f"--algo {algo} cannot train Trebuchet-v0: its aiming network is trained by BPTT "
+                "through the simulator (--algo bptt)"
+            )
+        return _TrebuchetAiming(_import_trainer("agents.trebuchet", "training the trebuchet"))
+    return _import_trainer(ALGORITHMS[algo], f"--algo {algo}")
+
+
+def _import_trainer(module_name: str, what: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name != module_name:
             raise
-        raise UsageError(f"--algo {algo} is not available ({module_name} is missing)") from None
+        raise UsageError(f"{what} is not available ({module_name} is missing)") from None
+
+
+class _TrebuchetAiming:
+    """``agents.trebuchet``'s aiming network behind the trainer interface of ``agents.bptt``.
+
+    Its ``train_aiming(config, *, seed, progress_fn)`` trains one network for every (target, wind)
+    by differentiating the landing distance; its config is the dataclass that function takes.
+    """
+
+    #: ``train_aiming`` has no hook to show snapshots (``--render``).
+    supports_render = False
+
+    def __init__(self, module):
+        self.module = module
+
+    def default_config(self, env_id: str):
+        if hasattr(self.module, "default_config"):
+            return self.module.default_config(env_id)
+        config_type = typing.get_type_hints(self.module.train_aiming)["config"]
+        return config_type()
+
+    def train(self, env_id: str, config, *, seed: int, progress_fn=None, render_fn=None):
+        return self.module.train_aiming(config, seed=seed, progress_fn=progress_fn)
 
 
 def default_config(env_id: str, algo: str):
@@ -198,6 +233,8 @@ def run_training(
     from agents.policy import CHECKPOINT_SPEC, atomic_write_text, load_policy, save_policy
 
     viewer = None
+    if render and not getattr(module, "supports_render", True):
+        raise UsageError(f"--render is not available for {env_id}; watch the result with `{PROG} play`")
     if render:
         from agents.play import TrainingViewer
 
