@@ -68,6 +68,7 @@ def test_checkpoint_reproduces_actions_and_reported_returns(cartpole_run):
         (["--env", "cartpole", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
         (["--env", "cartpole", "--eval-episodes", "0"], "--eval-episodes must be at least 1, got 0"),
         (["--algo", "bptt"], "--env is required"),
+        (["--env", "trebuchet", "--algo", "ppo"], "its aiming network is trained by BPTT"),
         (["play", "--env", "cartpole", "--record", "out.avi"], "extension '.avi' is not supported"),
         (["play", "--env", "cartpole", "--episodes", "0"], "--episodes must be at least 1"),
         (["play", "--record", "out.gif"], "play needs --env (to use the bundled controller) or --policy DIR"),

@@ -143,3 +143,59 @@ def test_training_viewer_shows_the_current_policy(captions):
     viewer.close()
     assert viewer.shown == 1
     assert any("eval_return 123" in c and "step 10" in c for c in captions)
+
+
+@pytest.mark.slow  # ~40 s on a loaded 2-core machine, nearly all of it compiling the trebuchet
+def test_a_trebuchet_shot_is_recorded_whole(tmp_path):
+    """One step of the trebuchet is a whole shot: every frame of its flight goes into the GIF."""
+    import jax
+
+    import diffgym
+    from agents.policy import Policy, save_policy
+
+    env, params = diffgym.make("Trebuchet-v0")
+    box = env.action_space(params)
+    spec = dict(
+        obs_size=2, action_size=2, kind="box", low=tuple(map(float, box.low)), high=tuple(map(float, box.high)),
+        width=8, depth=1,
+    )  # fmt: skip
+    save_policy(tmp_path / "aim", Policy(**spec, key=jax.random.key(0)), spec, env_id="Trebuchet-v0")
+    lines = []
+    gif = tmp_path / "shot.gif"
+    (miss,) = play(policy_dir=tmp_path / "aim", record=gif, episodes=1, echo=lines.append)
+    assert miss < 0  # the reward is minus the miss distance
+    assert lines[1].startswith("shot 1  target ") and lines[1].endswith(f"miss {-miss:.2f} m")
+    rendered = int(lines[2].split()[1])  # "recorded N frames (M kept, at 30 fps) to ..."
+    assert rendered > 60, "a shot animates over many frames"
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        # 60 fps renders keep every other frame (GIF delays are whole centiseconds).
+        assert abs(image.n_frames - (rendered + 1) // 2) <= 5 and image.info["duration"] in (30, 40)
+
+
+@pytest.mark.parametrize("fps, kept, durations", [(50, 12, {20}), (30, 12, {30, 40}), (60, 6, {30, 40})])
+def test_gif_frames_and_delays_keep_real_time(tmp_path, fps, kept, durations):
+    import pygame
+    from PIL import Image
+
+    from agents.play import _FrameWriter
+
+    gif = tmp_path / "clip.gif"
+    writer = _FrameWriter(gif, fps)
+    # 12 rendered frames of a bar moving right, in two calls (as a multi-frame step would give).
+    frames = [np.full((40, 60, 3), 255, np.uint8) for _ in range(12)]
+    for index, frame in enumerate(frames):
+        frame[20:30, 4 * index : 4 * index + 6] = (200, 30, 30)
+    writer.add(frames[:5], "first", pygame)
+    writer.add(frames[5:], "second", pygame)
+    writer.close()
+    assert writer.frames == 12 and len(writer) == kept
+    with Image.open(gif) as image:
+        assert image.n_frames == kept
+        seen = []
+        for index in range(kept):
+            image.seek(index)
+            seen.append(image.info["duration"])
+    assert set(seen) == durations
+    assert sum(seen) == pytest.approx(12 * 1000 / fps, abs=10)  # the clip lasts as long as it was rendered
