@@ -198,4 +198,4 @@ def test_gif_frames_and_delays_keep_real_time(tmp_path, fps, kept, durations):
             image.seek(index)
             seen.append(image.info["duration"])
     assert set(seen) == durations
-    assert sum(seen) == pytest.approx(12 * 1000 / fps, abs=10)  # the clip lasts as long as it was rendered
+    assert sum(seen) == pytest.approx(12 * 1000 / fps, abs=10)  # the clip lasts as long as the render
