@@ -155,10 +155,8 @@ def test_a_trebuchet_shot_is_recorded_whole(tmp_path):
 
     env, params = diffgym.make("Trebuchet-v0")
     box = env.action_space(params)
-    spec = dict(
-        obs_size=2, action_size=2, kind="box", low=tuple(map(float, box.low)), high=tuple(map(float, box.high)),
-        width=8, depth=1,
-    )  # fmt: skip
+    low, high = tuple(map(float, box.low)), tuple(map(float, box.high))
+    spec = dict(obs_size=2, action_size=2, kind="box", low=low, high=high, width=8, depth=1)
     save_policy(tmp_path / "aim", Policy(**spec, key=jax.random.key(0)), spec, env_id="Trebuchet-v0")
     lines = []
     gif = tmp_path / "shot.gif"
