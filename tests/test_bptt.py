@@ -53,19 +53,20 @@ def test_cartpole_learns_to_balance_with_hard_actions():
     assert 0 < result.compile_seconds < result.wall_seconds
 
 
-def test_pendulum_return_improves_within_500_updates():
-    """Torque stays in ±2 and 500 updates of 8-step windows gain >= 300 of return over the
-    initial policy on 100 fresh random starts (the initial policy scores about -1200)."""
-    config = dataclasses.replace(default_config("pendulum"), total_env_steps=4_000, eval_every=4_000)
-    result = train("pendulum", config, seed=1)
+def test_pendulum_return_improves_within_2500_updates():
+    """2 500 updates of 2 x 4-step windows (the default config) swing the pendulum up: the return on
+    100 fresh random starts gains >= 700 over the initial policy's (about -1 250). Also checks the
+    step accounting of an uneven budget: 20 003 steps allow 2 500 updates of 8 steps."""
+    config = dataclasses.replace(default_config("pendulum"), total_env_steps=20_003)
+    result = train("pendulum", config, seed=0)
+    assert result.env_steps == 20_000 and result.extra["updates"] == 2_500
+    assert [p["env_steps"] for p in result.curve] == list(range(2_000, 20_001, 2_000))
 
-    skeleton = bptt._setup("Pendulum-v1", config, seed=1)
-    initial = bptt._fold_obs_scale(
-        eqx.combine(skeleton.carry[0], skeleton.static), skeleton.obs_scale
-    )
+    initial_setup = bptt._setup("Pendulum-v1", config, seed=0)
+    initial = bptt._fold_obs_scale(eqx.combine(initial_setup.carry[0], initial_setup.static), initial_setup.obs_scale)
     before = _eval("Pendulum-v1", initial, episodes=100).mean()
     after = _eval("Pendulum-v1", result.policy, episodes=100).mean()
-    assert after >= before + 300, f"return {before:.0f} -> {after:.0f}"
+    assert after >= before + 700, f"return {before:.0f} -> {after:.0f}"
 
     states = jax.random.normal(jax.random.key(0), (256, 3)) * jnp.array([1.0, 1.0, 8.0])
     torques = jax.vmap(result.policy)(states)
@@ -76,23 +77,31 @@ def test_pendulum_return_improves_within_500_updates():
 # --------------------------------------------------------------------------------------------
 # Truncated windows, accounting, guards (the compiled chunk driven directly)
 # --------------------------------------------------------------------------------------------
-def _frozen_runner(env_id: str, config: BPTTConfig, seed: int = 0):
-    """The training chunk with a zero learning rate: the weights stay, so rollouts are comparable."""
-    return bptt._setup(env_id, config, seed, optimizer=optax.sgd(0.0))
+#: 3 rollouts, 7-step windows, episodes longer than any test here (no reset).
+_WINDOWED = BPTTConfig(total_env_steps=1_000, num_envs=3, window=7, episode_length=1_000, eval_every=1_000)
 
 
-def test_truncated_windows_carry_the_state_across_boundaries():
-    """Three 5-step windows end where one uninterrupted 15-step rollout of the same policy ends."""
-    config = BPTTConfig(total_env_steps=15, num_envs=2, window=5, episode_length=200, eval_every=10)
-    setup = _frozen_runner("Pendulum-v1", config)
-    start = setup.carry[2]
-    uniforms = jnp.zeros((3, 2, 5, 2))  # would be used only at a reset; none happens in 15 steps
-    carry, (losses, _) = setup.run_chunk(setup.carry, uniforms, jnp.int32(3))
-    assert losses.shape == (3,) and bool(jnp.all(jnp.isfinite(losses)))
-    # Windows 2 and 3 started where the previous one stopped: not from a fresh state.
-    assert losses[0] != losses[1]
+@pytest.fixture(scope="module")
+def frozen_pendulum():
+    """The training chunk with a zero learning rate (weights stay put), compiled once."""
+    return bptt._setup("Pendulum-v1", _WINDOWED, seed=0, optimizer=optax.sgd(0.0))
+
+
+def _no_resets(updates: int) -> jax.Array:
+    """Start draws for a chunk; used only at a reset, and none happens within 1 000 steps."""
+    return jnp.zeros((bptt._updates_per_chunk(_WINDOWED), _WINDOWED.num_envs, _WINDOWED.window, 2))
+
+
+def test_truncated_windows_carry_the_state_across_boundaries(frozen_pendulum):
+    """Three 7-step windows end where one uninterrupted 21-step rollout of the same policy ends."""
+    setup = frozen_pendulum
+    carry, (losses, _) = setup.run_chunk(setup.carry, _no_resets(3), jnp.int32(3))
+    losses = np.asarray(losses)[:3]
+    assert np.all(np.isfinite(losses))
+    # Each window started where the last stopped, not from the same (or a fresh) state.
+    assert len(set(losses.tolist())) == 3
     end = carry[2]
-    np.testing.assert_array_equal(np.asarray(end.time), [15, 15])
+    np.testing.assert_array_equal(np.asarray(end.time), [21, 21, 21])
 
     env, params = diffgym.make("Pendulum-v1")
     policy = bptt._fold_obs_scale(eqx.combine(setup.carry[0], setup.static), setup.obs_scale)
@@ -102,71 +111,67 @@ def test_truncated_windows_carry_the_state_across_boundaries():
             _, state, *_ = env.step_env(None, state, policy(env.get_obs(state)), params)
             return state, None
 
-        return jax.lax.scan(body, state, None, length=15)[0]
+        return jax.lax.scan(body, state, None, length=21)[0]
 
-    direct = jax.vmap(rollout)(start)
+    direct = jax.vmap(rollout)(setup.carry[2])
     np.testing.assert_allclose(np.asarray(end.theta), np.asarray(direct.theta), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(end.theta_dot), np.asarray(direct.theta_dot), rtol=1e-5, atol=1e-6)
 
 
-def test_cartpole_rollout_resets_at_termination():
-    """A rollout that crosses the thresholds restarts from the supplied start draw (time 0)."""
-    config = BPTTConfig(total_env_steps=400, num_envs=1, window=40, episode_length=500, eval_every=400)
-    setup = _frozen_runner("CartPole-v1", config)
-    # A policy pushing one way always: the pole falls within 40 steps from any small start.
-    weights = jax.tree.map(jnp.zeros_like, setup.carry[0])
-    weights = eqx.tree_at(lambda w: w.mlp.layers[-1].bias, weights, jnp.full((1,), 5.0))
-    carry = (weights, *setup.carry[1:])
-    uniforms = jnp.full((1, 1, 40, 4), 0.5)  # the reset state: all zeros
-    carry, _ = setup.run_chunk(carry, uniforms, jnp.int32(1))
-    state = carry[2]
-    assert 0 < int(state.time[0]) < 40, "the rollout should have reset and restarted within the window"
-    assert abs(float(state.theta[0])) < 0.21
+def test_env_step_accounting_is_exact(frozen_pendulum):
+    """A chunk asked for 47 updates simulates exactly 47 x 3 rollouts x 7 steps, nothing more.
+
+    Each rollout's clock counts its simulated steps (no reset here), so their sum is what the
+    trainer reports; the surplus updates of the compiled chunk are skipped, not simulated.
+    """
+    setup = frozen_pendulum
+    updates = _WINDOWED.total_env_steps // (_WINDOWED.num_envs * _WINDOWED.window)
+    assert updates == 47 and bptt._updates_per_chunk(_WINDOWED) > updates
+    carry, (losses, _) = setup.run_chunk(setup.carry, _no_resets(updates), jnp.int32(updates))
+    assert int(jnp.sum(carry[2].time)) == 47 * 3 * 7 == 987
+    assert int(carry[3]) == 47
+    assert np.all(np.isnan(np.asarray(losses)[47:]))  # the skipped updates report no loss
 
 
-@pytest.mark.parametrize("num_envs, window, budget", [(1, 10, 500), (3, 7, 1000)])
-def test_env_step_accounting_is_exact(num_envs, window, budget):
-    """env_steps = updates x num_envs x window, never over the budget; rollouts advanced that much."""
-    config = BPTTConfig(
-        total_env_steps=budget, num_envs=num_envs, window=window, episode_length=1_000, eval_every=budget
-    )
-    setup = _frozen_runner("Pendulum-v1", config)
-    updates = budget // (num_envs * window)
-    chunk = bptt._updates_per_chunk(config)
-    assert chunk >= updates
-    uniforms = jnp.zeros((chunk, num_envs, window, 2))
-    carry, _ = setup.run_chunk(setup.carry, uniforms, jnp.int32(updates))
-    # Each rollout's clock counts its simulated steps (no reset within 1000 steps): their sum is
-    # exactly what train() reports, and the skipped updates of the chunk simulated nothing.
-    assert int(jnp.sum(carry[2].time)) == updates * num_envs * window
-    assert int(carry[3]) == updates
+def test_nan_guard_keeps_the_weights_from_before_the_bad_update():
+    """Healthy updates change the weights; a NaN state stops them, keeping the last good ones."""
+    config = BPTTConfig(total_env_steps=100, num_envs=1, window=5, episode_length=200, eval_every=50)
+    setup = bptt._setup("Pendulum-v1", config, 0)
+    uniforms = jnp.zeros((10, 1, 5, 2))
+    healthy, _ = setup.run_chunk(setup.carry, uniforms, jnp.int32(3))
+    assert int(healthy[4]) == 0 and int(healthy[3]) == 3
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(healthy[0]), jax.tree.leaves(setup.carry[0]))]
+    assert any(moved)
+
+    bad_states = dataclasses.replace(healthy[2], theta_dot=jnp.full((1,), jnp.nan))
+    carry, _ = setup.run_chunk((healthy[0], healthy[1], bad_states, *healthy[3:]), uniforms, jnp.int32(10))
+    assert int(carry[4]) != 0 and int(carry[5]) == 3  # failed at update 3, the first after the NaN
+    assert int(carry[3]) == 4  # and the nine after it were skipped
+    for new, old in zip(jax.tree.leaves(carry[0]), jax.tree.leaves(healthy[0])):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    with pytest.raises(FloatingPointError, match=r"update 3 \(env steps 15\.\.20\), first at step 0"):
+        bptt._raise_nonfinite("Pendulum-v1", config, int(carry[5]), int(carry[6]), int(carry[4]))
 
 
-def test_train_reports_exact_env_steps_for_an_uneven_budget():
-    config = BPTTConfig(total_env_steps=1_000, num_envs=3, window=7, episode_length=200, eval_every=500)
-    result = train("Pendulum-v1", config, seed=0)
-    assert result.env_steps == 47 * 21 == 987
-    assert result.extra["updates"] == 47
-    assert [p["env_steps"] for p in result.curve] == [24 * 21, 47 * 21]
-
-
-def test_nan_guard_stops_with_a_clear_message():
+def test_nan_guard_stops_train_with_a_clear_message():
     params = dataclasses.replace(diffgym.make("CartPole-v1")[1], tau=float("nan"))
     config = dataclasses.replace(default_config("CartPole-v1"), total_env_steps=500)
     with pytest.raises(FloatingPointError, match=r"update 0 \(env steps 0\.\.10\).*simulated state.*non-finite"):
         train("CartPole-v1", config, env_params=params)
 
 
-def test_nan_guard_keeps_the_weights_from_before_the_bad_update():
-    config = BPTTConfig(total_env_steps=100, num_envs=1, window=5, episode_length=200, eval_every=50)
-    setup = bptt._setup("Pendulum-v1", config, 0)
-    bad_states = dataclasses.replace(setup.carry[2], theta_dot=jnp.full((1,), jnp.nan))
-    carry = (setup.carry[0], setup.carry[1], bad_states, *setup.carry[3:])
-    carry, _ = setup.run_chunk(carry, jnp.zeros((10, 1, 5, 2)), jnp.int32(10))
-    assert int(carry[4]) != 0 and int(carry[5]) == 0  # failed at the first update
-    assert int(carry[3]) == 1  # and the nine after it were skipped
-    for new, old in zip(jax.tree.leaves(carry[0]), jax.tree.leaves(setup.carry[0])):
-        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+def test_cartpole_rollout_resets_at_termination():
+    """A rollout that crosses the thresholds restarts from the supplied start draw (time 0)."""
+    config = BPTTConfig(total_env_steps=400, num_envs=1, window=40, episode_length=500, eval_every=400)
+    setup = bptt._setup("CartPole-v1", config, 0, optimizer=optax.sgd(0.0))
+    # Zero weights and a large output bias: always push right, so the pole falls within 40 steps.
+    weights = jax.tree.map(jnp.zeros_like, setup.carry[0])
+    weights = eqx.tree_at(lambda w: w.mlp.layers[-1].bias, weights, jnp.full((1,), 5.0))
+    uniforms = jnp.full((1, 1, 40, 4), 0.5)  # the reset state: all four variables 0
+    carry, _ = setup.run_chunk((weights, *setup.carry[1:]), uniforms, jnp.int32(1))
+    state = carry[2]
+    assert 0 < int(state.time[0]) < 40, "the rollout should have reset and restarted within the window"
+    assert abs(float(state.theta[0])) < 0.21
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +205,8 @@ def test_cartpole_goal_500_within_5000_steps(seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pendulum_swing_up_default_config(seed):
-    """The default budget (20 000 steps, not the issue's 4 000: see bench/results/bptt.md)."""
+    """-200 on 100 fresh random starts with the default budget (20 000 steps: the issue's 4 000 is
+    not reached, see bench/results/bptt.md)."""
     result = train("Pendulum-v1", default_config("Pendulum-v1"), seed=seed)
     returns = _eval("Pendulum-v1", result.policy, episodes=100, seed=1000 + seed)
-    assert returns.mean() >= -400, f"seed {seed}: {returns.mean():.1f}"
+    assert returns.mean() >= -200, f"seed {seed}: {returns.mean():.1f}"

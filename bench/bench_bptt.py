@@ -1,0 +1,218 @@
+"""BPTT training benchmark: env steps and wall time to the goal, over seeds, on this machine.
+
+    python -m bench.bench_bptt                  # 5 seeds, both envs, writes bench/results/bptt.md
+    python -m bench.bench_bptt --seeds 2 --settings default
+
+Every (XLA setting, run, seed) trains in a fresh Python process, so each wall time includes
+everything a ``train-controller`` user pays after ``import``: compiling the training chunk and the
+evaluator, training, and the learning-curve evaluations. Reported apart:
+
+* ``compile`` -- compiling the chunk and (first use in the process) the evaluator;
+* ``train`` -- running the compiled chunks (the simulated steps and the updates);
+* ``eval`` -- the learning-curve evaluations on the functional env;
+* ``cpu`` -- the process's CPU time over ``train()``: on a shared machine the wall time also
+  counts waiting for a core, the CPU time less so.
+
+Steps and seconds *to the goal* are read off the learning curve: the first evaluation (functional
+env, fresh episodes, hard actions, true reward) whose mean reaches the threshold. The final
+return is measured on the gymnasium env (``gymnasium.make("diffgym/<id>")``) with 20 (CartPole) or
+100 (Pendulum) episodes of seeds never used in training; "solved" means that number reaches the
+threshold.
+
+XLA reads ``XLA_FLAGS`` when jax starts, hence one process per setting: ``default`` and
+``one-thread`` (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "bptt.md"
+SETTINGS = {
+    "default": "",
+    "one-thread": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
+#: (label, env id, config overrides, goal threshold, goal env steps, goal wall seconds, final episodes)
+RUNS = (
+    ("CartPole-v1 default", "CartPole-v1", {}, 500.0, 5_000, 15.0, 20),
+    ("Pendulum-v1 at the 4 000-step goal budget", "Pendulum-v1", {"total_env_steps": 4_000, "eval_every": 1_000}, -200.0, 4_000, 20.0, 100),
+    ("Pendulum-v1 default (20 000 steps)", "Pendulum-v1", {}, -200.0, 4_000, 20.0, 100),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one training run in this process
+# --------------------------------------------------------------------------------------------
+def _worker(run_index: int, seed: int) -> dict:
+    import jax
+    import numpy as np
+
+    from agents.bptt import default_config, train
+    from agents.common import evaluate_gymnasium
+
+    label, env_id, overrides, threshold, *_rest, final_episodes = RUNS[run_index]
+    config = dataclasses.replace(default_config(env_id), **overrides)
+    cpu_start = time.process_time()
+    result = train(env_id, config, seed=seed)
+    cpu_seconds = time.process_time() - cpu_start
+
+    reached = next((p for p in result.curve if p["eval_return"] >= threshold), None)
+    import equinox as eqx
+
+    weights, static = eqx.partition(result.policy, eqx.is_array)
+    act = jax.jit(lambda weights, obs: eqx.combine(weights, static)(obs))
+    if result.policy.kind == "bernoulli":
+        policy = lambda obs: int(act(weights, np.asarray(obs, np.float32)))  # noqa: E731
+    else:
+        policy = lambda obs: np.asarray(act(weights, np.asarray(obs, np.float32)), np.float32)  # noqa: E731
+    returns = evaluate_gymnasium(policy, env_id, episodes=final_episodes, seed=10_000 + 1_000 * seed)
+    extra = result.extra
+    return {
+        "run": label,
+        "env_id": env_id,
+        "seed": seed,
+        "env_steps": result.env_steps,
+        "steps_to_goal": reached["env_steps"] if reached else None,
+        "wall_to_goal": reached["wall_seconds"] if reached else None,
+        "wall_seconds": result.wall_seconds,
+        "compile_seconds": result.compile_seconds,
+        "train_seconds": extra["train_seconds"],
+        "eval_seconds": extra["eval_seconds"],
+        "cpu_seconds": cpu_seconds,
+        "best_curve_return": max(p["eval_return"] for p in result.curve),
+        "final_return": float(np.mean(returns)),
+        "final_return_std": float(np.std(returns)),
+        "solved": bool(np.mean(returns) >= threshold),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+def _run_in_subprocess(setting: str, run_index: int, seed: int) -> dict:
+    env = dict(os.environ)
+    if SETTINGS[setting]:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SETTINGS[setting]).strip()
+    command = [sys.executable, "-m", "bench.bench_bptt", "--worker", str(run_index), str(seed)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record["setting"] = setting
+    return record
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    return (
+        f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average (1/5/15 min) at the start: "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}\n"
+        f"- Python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"{platform.system()} {platform.release()}\n"
+        f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+def _fmt(value, digits=1, suffix=""):
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _table(records: list[dict]) -> str:
+    lines = [
+        "| seed | steps to goal | wall to goal (s) | total wall (s) | compile (s) | train (s) | eval (s) "
+        "| cpu (s) | best curve return | final return (gymnasium) | solved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['seed']} | {r['steps_to_goal'] if r['steps_to_goal'] is not None else '—'} "
+            f"| {_fmt(r['wall_to_goal'])} | {_fmt(r['wall_seconds'])} | {_fmt(r['compile_seconds'])} "
+            f"| {_fmt(r['train_seconds'], 2)} | {_fmt(r['eval_seconds'], 2)} | {_fmt(r['cpu_seconds'])} "
+            f"| {_fmt(r['best_curve_return'])} | {_fmt(r['final_return'])} ± {_fmt(r['final_return_std'])} "
+            f"| {'yes' if r['solved'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def _summary(records: list[dict], goal_steps: int, goal_wall: float) -> str:
+    import statistics
+
+    solved = sum(r["solved"] for r in records)
+    in_budget = sum(
+        r["steps_to_goal"] is not None and r["steps_to_goal"] <= goal_steps and r["wall_to_goal"] <= goal_wall
+        for r in records
+    )
+    med = lambda key: statistics.median(r[key] for r in records)  # noqa: E731
+    return (
+        f"Solved on gymnasium: {solved}/{len(records)}; reached the goal on the curve within "
+        f"{goal_steps} steps and {goal_wall:.0f} s: {in_budget}/{len(records)}. Median total wall "
+        f"{med('wall_seconds'):.1f} s = compile {med('compile_seconds'):.1f} s + train "
+        f"{med('train_seconds'):.2f} s + curve evaluations {med('eval_seconds'):.2f} s (+ setup)."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--settings", default="default,one-thread", help="comma-separated: default, one-thread")
+    parser.add_argument("--runs", default=",".join(str(i) for i in range(len(RUNS))), help="indices into RUNS")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs=2, type=int, metavar=("RUN", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(_worker(*args.worker)))
+        return
+
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise SystemExit(f"unknown --settings {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
+    machine = _machine()
+    sections = []
+    for run_index in (int(i) for i in args.runs.split(",")):
+        label, env_id, overrides, threshold, goal_steps, goal_wall, final_episodes = RUNS[run_index]
+        for setting in settings:
+            records = []
+            for seed in range(args.seeds):
+                record = _run_in_subprocess(setting, run_index, seed)
+                print(json.dumps(record), flush=True)
+                records.append(record)
+            sections.append(
+                f"### {label}, XLA {setting}\n\nConfig: `default_config({env_id!r})`"
+                + (f" with `{overrides}`" if overrides else "")
+                + f"; goal: {threshold:g} within {goal_steps} env steps and {goal_wall:.0f} s; final return "
+                f"over {final_episodes} gymnasium episodes.\n\n{_table(records)}\n\n"
+                f"{_summary(records, goal_steps, goal_wall)}\n"
+            )
+    text = (
+        "# BPTT training benchmark\n\n"
+        f"Produced by `python -m bench.bench_bptt --seeds {args.seeds} --settings {','.join(settings)}`; "
+        "each row is a fresh process (see the module docstring for what each column times).\n\n"
+        f"{machine}\n- load average (1/5/15 min) at the end: "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}\n\n" + "\n".join(sections)
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
