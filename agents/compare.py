@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -167,6 +168,7 @@ def run_comparison(
     records: list[RunRecord] = []
     skipped: dict[str, str] = {}
     started = time.perf_counter()
+    load_before = _load_average()
     for algo in algos:
         try:
             label, train = _trainer(algo, env_id)
@@ -177,7 +179,9 @@ def run_comparison(
         for seed in seed_list:
             result = train(seed, budgets.get(algo))
             steps, seconds = time_to_threshold(result.curve, threshold)
-            returns = evaluate_gymnasium(_numpy_policy(result.policy), env_id, episodes=episodes, seed=10_000 + seed)
+            returns = evaluate_gymnasium(
+                _numpy_policy(result.policy), env_id, episodes=episodes, seed=10_000 + seed
+            )
             record = RunRecord(
                 algo=algo, label=label, seed=seed, env_steps=int(result.env_steps),
                 wall_seconds=float(result.wall_seconds), compile_seconds=float(result.compile_seconds),
@@ -188,7 +192,8 @@ def run_comparison(
             records.append(record)
             reached = "not reached" if steps is None else f"reached at {steps} steps, {seconds:.1f} s"
             say(
-                f"[{label} seed {seed}] threshold {threshold:g} {reached}; trained {record.env_steps} steps in "
+                f"[{label} seed {seed}] threshold {threshold:g} {reached}; "
+                f"trained {record.env_steps} steps in "
                 f"{record.wall_seconds:.1f} s (compile {record.compile_seconds:.1f} s); "
                 f"final return {record.final_return_mean:.1f} ± {record.final_return_std:.1f}"
             )
@@ -198,6 +203,7 @@ def run_comparison(
     meta = {
         "env_id": env_id, "threshold": threshold, "seeds": seed_list, "final_eval_episodes": episodes,
         "budgets": budgets, "skipped": skipped, "total_seconds": total_seconds, "machine": _machine(),
+        "load_average": [load_before, _load_average()],
     }
     atomic_write_text(out_dir / f"compare_{name}.md", _markdown(records, meta))
     atomic_write_text(
@@ -212,9 +218,15 @@ def run_comparison(
 # --------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------
-def _machine() -> str:
-    import os
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes): above the core count, timings are inflated."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
+
+def _machine() -> str:
     import jax
 
     return (
@@ -268,14 +280,16 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         to_steps = "—" if r.steps_to_threshold is None else f"{r.steps_to_threshold:,}"
         to_seconds = "—" if r.seconds_to_threshold is None else f"{r.seconds_to_threshold:.1f}"
         lines.append(
-            f"| {r.label} | {r.seed} | {to_steps} | {to_seconds} | {r.wall_seconds:.1f} | {r.compile_seconds:.1f} "
+            f"| {r.label} | {r.seed} | {to_steps} | {to_seconds} | {r.wall_seconds:.1f} "
+            f"| {r.compile_seconds:.1f} "
             f"| {r.final_return_mean:.1f} ± {r.final_return_std:.1f} | {r.env_steps:,} |"
         )
     lines += [
         "",
         "How to read it:",
         "",
-        "- Env steps count every step of every parallel env during training; evaluation episodes do not count.",
+        "- Env steps count every step of every parallel env during training; evaluation episodes do "
+        "not count.",
         "- Wall seconds run from the start of the trainer call and include JAX compilation (the compile "
         "column is the part spent compiling). SB3's evaluation time is excluded from its clock (its "
         "evaluations step gymnasium envs through torch and are not free); ours take milliseconds and are "
@@ -287,11 +301,28 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "- The final return is every final policy on the same gymnasium episodes (seeds 10000 + seed ...).",
         "",
         f"Machine: {meta['machine']}. Total time of this comparison: {meta['total_seconds']:.0f} s.",
+        _load_note(meta),
         "",
-        f"Command: `python -m agents.compare --env {short_name(env_id)} --seeds {len(meta['seeds'])} --out DIR`",
+        f"Command: `python -m agents.compare --env {short_name(env_id)} --seeds {len(meta['seeds'])} "
+        "--out DIR`",
         "",
     ]
     return "\n".join(lines)
+
+
+def _load_note(meta: dict) -> str:
+    loads = [v for v in meta.get("load_average", []) if v is not None]
+    if not loads:
+        return ""
+    cores = os.cpu_count() or 1
+    loads_text = " and ".join(f"{v:g}" for v in loads)
+    note = f"1-minute load average at the start and end: {loads_text} on {cores} cores"
+    if max(loads) > cores:
+        note += (
+            " — the machine was shared while this ran, so wall-clock and compile times are inflated "
+            "and noisy"
+        )
+    return note + "."
 
 
 def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
@@ -311,8 +342,9 @@ def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
         seconds = np.array([p["wall_seconds"] for p in r.curve])
         returns = np.array([p["eval_return"] for p in r.curve])
         keep = steps > 0  # log axis: the untrained point sits at 0 steps
-        axes[0].plot(steps[keep], returns[keep], color=color, alpha=0.8, lw=1.4, label=label, marker=".", ms=3)
-        axes[1].plot(seconds, returns, color=color, alpha=0.8, lw=1.4, marker=".", ms=3)
+        style = {"color": color, "alpha": 0.8, "lw": 1.4, "marker": ".", "ms": 3}
+        axes[0].plot(steps[keep], returns[keep], label=label, **style)
+        axes[1].plot(seconds, returns, **style)
     for ax, xlabel in zip(axes, ("env steps (training)", "wall-clock seconds (compilation included)")):
         ax.axhline(meta["threshold"], color="black", ls="--", lw=1)
         ax.set_xscale("log")
@@ -322,7 +354,8 @@ def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
     if records:
         axes[0].legend(loc="best", fontsize=8)
     figure.suptitle(
-        f"{meta['env_id']}: learning curves, {len(meta['seeds'])} seeds each (dashed: threshold {meta['threshold']:g})"
+        f"{meta['env_id']}: learning curves, {len(meta['seeds'])} seeds each "
+        f"(dashed: threshold {meta['threshold']:g})"
     )
     figure.tight_layout()
     figure.savefig(path)

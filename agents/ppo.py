@@ -326,7 +326,8 @@ def policy_spec(env: diffgym.Environment, params, config: PPOConfig) -> dict:
         high = [float(v) for v in np.ravel(space.high)]
         if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
             raise ValueError(f"PPO's box policy needs a bounded action box; {env.name} has {space}")
-        return {"obs_size": obs_size, "action_size": len(low), "kind": "box", "low": low, "high": high, **common}
+        return {"obs_size": obs_size, "action_size": len(low), "kind": "box", "low": low, "high": high,
+                **common}
     raise TypeError(f"unsupported action space {space!r} of {env.name}; PPO handles Discrete(2) and Box")
 
 
@@ -511,17 +512,20 @@ def train(
     optimizer = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm), optax.adam(learning_rate, eps=1e-5)
     )
-    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key_reset, config.num_envs), env_params)
+    reset_keys = jax.random.split(key_reset, config.num_envs)
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
     runner = Runner(weights, optimizer.init(weights), env_state, obs, key_run, jnp.zeros((), jnp.int32))
 
     chunk_updates = min(config.eval_every_updates, config.num_updates)
     compile_start = time.perf_counter()
-    chunk = jax.jit(_make_chunk(env, env_params, static, optimizer, config, chunk_updates)).lower(runner).compile()
+    chunk_fn = _make_chunk(env, env_params, static, optimizer, config, chunk_updates)
+    chunk = jax.jit(chunk_fn).lower(runner).compile()
     compile_seconds = time.perf_counter() - compile_start
 
     def evaluate_now(weights, index: int) -> float:
         actor = eqx.combine(weights, static).actor
-        returns = evaluate(env_id, actor, key=jax.random.fold_in(key_eval, index), episodes=config.eval_episodes)
+        key = jax.random.fold_in(key_eval, index)
+        returns = evaluate(env_id, actor, key=key, episodes=config.eval_episodes)
         return float(np.mean(returns))
 
     eval_start = time.perf_counter()
@@ -540,7 +544,9 @@ def train(
         runner, metrics = chunk(runner)
         env_steps += env_steps_per_chunk
         eval_return = evaluate_now(runner.weights, index)
-        point = {"env_steps": env_steps, "wall_seconds": time.perf_counter() - start, "eval_return": eval_return}
+        point = {
+            "env_steps": env_steps, "wall_seconds": time.perf_counter() - start, "eval_return": eval_return
+        }
         curve.append(point)
         if progress_fn is not None:
             progress_fn({**point, **{name: float(value) for name, value in metrics.items()}})

@@ -166,7 +166,8 @@ def train(
     def evaluate_now() -> float:
         eval_start = time.perf_counter()
         returns, _ = evaluate_policy(
-            model, eval_env, n_eval_episodes=config.eval_episodes, deterministic=True, return_episode_rewards=True
+            model, eval_env, n_eval_episodes=config.eval_episodes, deterministic=True,
+            return_episode_rewards=True,
         )
         clock["eval_seconds"] += time.perf_counter() - eval_start
         return float(np.mean(returns))
@@ -189,7 +190,9 @@ def train(
             if self.num_timesteps < self.next_eval:
                 return True
             self.next_eval += config.eval_every_env_steps
-            point = {"env_steps": int(self.num_timesteps), "wall_seconds": wall(), "eval_return": evaluate_now()}
+            point = {
+                "env_steps": int(self.num_timesteps), "wall_seconds": wall(), "eval_return": evaluate_now()
+            }
             curve.append(point)
             if progress_fn is not None:
                 progress_fn(dict(point))

@@ -48,7 +48,8 @@ def _tiny_comparison(tmp_path, algos):
     )
     assert [r.algo for r in records] == list(algos)
     for r in records:
-        assert 0 < r.env_steps <= budgets[r.algo] and r.curve and max(p["env_steps"] for p in r.curve) <= r.env_steps
+        assert 0 < r.env_steps <= budgets[r.algo]
+        assert r.curve and max(p["env_steps"] for p in r.curve) <= r.env_steps
         assert 0 < r.final_return_mean <= 500
     table = (tmp_path / "compare_cartpole.md").read_text()
     assert "Threshold: mean evaluation return ≥ 475" in table

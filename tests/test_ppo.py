@@ -41,10 +41,12 @@ def test_gae_without_episode_end_is_discounted_td_sum():
     next_values = np.append(values[1:], 2.0)
     no = np.zeros(5, bool)
     advantages, _ = ppo.gae(
-        jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(next_values), no, no, gamma=0.95, gae_lambda=1.0
+        jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(next_values), no, no,
+        gamma=0.95, gae_lambda=1.0,
     )
     expected = [
-        sum(0.95**k * rewards[t + k] for k in range(5 - t)) + 0.95 ** (5 - t) * 2.0 - values[t] for t in range(5)
+        sum(0.95**k * rewards[t + k] for k in range(5 - t)) + 0.95 ** (5 - t) * 2.0 - values[t]
+        for t in range(5)
     ]
     np.testing.assert_allclose(advantages, expected, rtol=1e-5)
 
