@@ -343,7 +343,9 @@ def _updates_per_chunk(config: BPTTConfig) -> int:
 
 
 def _validate(config: BPTTConfig) -> None:
-    positive = ("total_env_steps", "num_envs", "window", "episode_length", "width", "eval_every", "eval_episodes")
+    positive = (
+        "total_env_steps", "num_envs", "window", "episode_length", "width", "eval_every", "eval_episodes"
+    )  # fmt: skip
     for name in positive:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -514,9 +516,10 @@ def _init_policy(spec: dict, output_scale: float, rng: np.random.Generator) -> P
         weight = rng.uniform(-bound, bound, layer.weight.shape).astype(np.float32) * scale
         bias = rng.uniform(-bound, bound, layer.bias.shape).astype(np.float32) * scale
         new_leaves += [jnp.asarray(weight), jnp.asarray(bias)]
-    return eqx.tree_at(
-        lambda p: [leaf for layer in p.mlp.layers for leaf in (layer.weight, layer.bias)], skeleton, new_leaves
-    )
+    def leaves(policy):
+        return [leaf for layer in policy.mlp.layers for leaf in (layer.weight, layer.bias)]
+
+    return eqx.tree_at(leaves, skeleton, new_leaves)
 
 
 @dataclasses.dataclass
