@@ -117,16 +117,26 @@ def test_help_documents_every_level(argv, expected, capsys):
 
 
 def test_help_shows_the_defaults_of_the_chosen_env():
-    # tyro prints the default of each --config field: the per-env tuned values, not the class's.
+    # tyro prints the default of each --config field: the per-env tuned values, not CartPole's.
+    import dataclasses
+
     from agents.bptt import default_config
 
+    pendulum, cartpole = default_config("pendulum"), default_config("cartpole")
+    tuned = [
+        field.name
+        for field in dataclasses.fields(pendulum)
+        if type(getattr(pendulum, field.name)) is int
+        and getattr(pendulum, field.name) != getattr(cartpole, field.name)
+    ]
+    assert tuned, "BPTT's Pendulum defaults should differ from CartPole's somewhere"
     text = subprocess.run(
         [sys.executable, "-m", "agents.cli", "--env", "pendulum", "--help"],
         capture_output=True, text=True, check=True, env={**_clean_env(), "COLUMNS": "200"},
     ).stdout  # fmt: skip
-    option_help = text.split("--config.total-env-steps", 1)[1].split("--config.", 1)[0]
-    assert f"(default: {default_config('pendulum').total_env_steps})" in option_help
-    assert default_config("pendulum").total_env_steps != default_config("cartpole").total_env_steps
+    for name in tuned:
+        option_help = text.split(f"--config.{name.replace('_', '-')} ", 1)[1].split("--config.", 1)[0]
+        assert f"(default: {getattr(pendulum, name)})" in option_help, name
 
 
 def test_eval_episode_counts_follow_the_task():
