@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import equinox as eqx
 import numpy as np
 
 import diffgym
@@ -439,7 +440,6 @@ class TrainingViewer:
         self._last_shown = -float("inf")
         self._gym_env = None
         self._closed = False
-        self._act = None
         self.shown = 0
 
     def __call__(self, policy, info: dict | None = None) -> None:
@@ -489,14 +489,7 @@ def _numpy_policy(policy) -> Callable[[np.ndarray], Any]:
     return act_numpy
 
 
+@eqx.filter_jit
 def _hard_action(policy, obs):
-    # filter_jit compiles once per network shape: successive training snapshots reuse it.
-    import equinox as eqx
-
-    global _HARD_ACTION_JIT
-    if _HARD_ACTION_JIT is None:
-        _HARD_ACTION_JIT = eqx.filter_jit(lambda policy, obs: policy(obs))
-    return _HARD_ACTION_JIT(policy, obs)
-
-
-_HARD_ACTION_JIT = None
+    """The policy's hard action, compiled once per network shape (training snapshots share it)."""
+    return policy(obs)
