@@ -35,11 +35,18 @@ reward, gymnasium's reset distribution, fresh episodes each time.
 **One compiled function.** Training runs in chunks of updates, each chunk a single jitted
 ``lax.scan`` over updates; between chunks the impure loop evaluates, reports progress and renders.
 A partial last chunk reuses the same compiled function (the surplus updates are skipped by
-``lax.cond``), so one train call compiles the chunk once, plus the cached evaluator.
+``lax.cond``), so one train call compiles the chunk once, plus the cached evaluator. The random
+numbers (initial weights, training start states) are drawn by numpy on the host and passed in:
+compiling JAX's PRNG for them cost more than the whole training.
 
 **NaN guard.** An update whose loss, gradient or simulated state is not finite is not applied; the
 chunk freezes, and ``train`` raises ``FloatingPointError`` naming the update, the env step and what
 went non-finite, instead of carrying on with corrupted weights.
+
+**Measured** (``python -m bench.bench_bptt``, ``bench/results/bptt.md``, 2 shared CPU cores):
+CartPole-v1 reaches 500 after 1 000-2 000 env steps (5 of 5 seeds), in 3.7-4.0 s of CPU with
+compilation (training proper: under 0.1 s). Pendulum-v1 reaches -200 after 14 000-16 000 steps (4
+of 5 seeds), not within the 4 000 steps aimed at.
 """
 
 from __future__ import annotations
@@ -356,6 +363,13 @@ def _validate(config: BPTTConfig) -> None:
         value = getattr(config, name)
         if not value > 0:
             raise ValueError(f"BPTTConfig.{name} must be > 0, got {value!r}")
+    if not 0 <= config.final_learning_rate_fraction <= 1:
+        raise ValueError(
+            "BPTTConfig.final_learning_rate_fraction must be in [0, 1], "
+            f"got {config.final_learning_rate_fraction!r}"
+        )
+    if not 0 < config.discount <= 1:
+        raise ValueError(f"BPTTConfig.discount must be in (0, 1], got {config.discount!r}")
     if config.window > config.episode_length:
         raise ValueError(
             f"BPTTConfig.window ({config.window}) is longer than episode_length ({config.episode_length}); "
