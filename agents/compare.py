@@ -130,6 +130,7 @@ def run_comparison(
     algos: Sequence[str] = ALGORITHMS,
     budgets: dict[str, int] | None = None,
     final_eval_episodes: int | None = None,
+    keep_other_algos: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> list[RunRecord]:
     """Train every algorithm in ``algos`` on ``env_id`` with several seeds; write table and plot.
@@ -144,6 +145,9 @@ def run_comparison(
             config's ``total_env_steps``; the others keep their defaults.
         final_eval_episodes: gymnasium episodes of the final evaluation (default
             ``FINAL_EVAL_EPISODES[env]``).
+        keep_other_algos: re-run only ``algos`` and keep the other algorithms' runs from the
+            existing ``compare_<env>.json`` in ``out_dir`` (e.g. after one trainer changed); the
+            table says which rows were kept.
         log: called with one line per finished run (``None``: silent).
 
     Returns:
@@ -200,10 +204,18 @@ def run_comparison(
     total_seconds = time.perf_counter() - started
 
     name = short_name(env_id)
+    kept: dict[str, Any] = {}
+    previous_path = out_dir / f"compare_{name}.json"
+    if keep_other_algos and previous_path.exists():
+        previous = json.loads(previous_path.read_text())
+        old = [RunRecord(**run) for run in previous["runs"] if run["algo"] not in algos]
+        records = sorted(old + records, key=lambda r: ALGORITHMS.index(r.algo))
+        kept = {"algos": sorted({r.algo for r in old}, key=ALGORITHMS.index),
+                "load_average": previous.get("load_average"), "total_seconds": previous.get("total_seconds")}
     meta = {
         "env_id": env_id, "threshold": threshold, "seeds": seed_list, "final_eval_episodes": episodes,
         "budgets": budgets, "skipped": skipped, "total_seconds": total_seconds, "machine": _machine(),
-        "load_average": [load_before, _load_average()],
+        "load_average": [load_before, _load_average()], "kept_from_previous_run": kept,
     }
     atomic_write_text(out_dir / f"compare_{name}.md", _markdown(records, meta))
     atomic_write_text(
@@ -302,6 +314,7 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "",
         f"Machine: {meta['machine']}. Total time of this comparison: {meta['total_seconds']:.0f} s.",
         _load_note(meta),
+        _kept_note(meta),
         "",
         f"Command: `python -m agents.compare --env {short_name(env_id)} --seeds {len(meta['seeds'])} "
         "--out DIR`",
@@ -323,6 +336,18 @@ def _load_note(meta: dict) -> str:
             "and noisy"
         )
     return note + "."
+
+
+def _kept_note(meta: dict) -> str:
+    kept = meta.get("kept_from_previous_run") or {}
+    if not kept.get("algos"):
+        return ""
+    loads = " and ".join(f"{v:g}" for v in (kept.get("load_average") or []) if v is not None)
+    return (
+        f"The rows of {', '.join(kept['algos'])} were kept from a previous run of this comparison "
+        f"(`--keep-other-algos`; that run's load average: {loads or 'not recorded'}); the total time "
+        "above is this invocation's only."
+    )
 
 
 def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
@@ -372,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--algos", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS, help="algorithms to run"
     )
+    parser.add_argument(
+        "--keep-other-algos", action="store_true",
+        help="re-run only --algos; keep the other algorithms' runs from the existing compare_<env>.json",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -381,7 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if env_id not in THRESHOLDS:
         parser.error(f"no comparison for {env_id}; supported: {', '.join(THRESHOLDS)}")
-    run_comparison(env_id, seeds=args.seeds, out_dir=args.out, algos=args.algos)
+    run_comparison(
+        env_id, seeds=args.seeds, out_dir=args.out, algos=args.algos, keep_other_algos=args.keep_other_algos
+    )
     return 0
 
 

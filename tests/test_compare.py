@@ -1,5 +1,6 @@
 """The comparison end to end on tiny budgets, its threshold arithmetic, and the SB3 skip path."""
 
+import dataclasses
 import json
 
 import pytest
@@ -84,3 +85,24 @@ def test_missing_baselines_extra_is_skipped_with_the_install_hint(tmp_path, monk
 def test_unknown_algorithm_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown algorithms \\['dqn'\\]"):
         compare.run_comparison("cartpole", seeds=1, out_dir=tmp_path, algos=("dqn",))
+
+
+def test_keep_other_algos_reruns_only_the_named_ones(tmp_path, monkeypatch):
+    def run(algo, final):
+        return compare.RunRecord(
+            algo=algo, label=algo.upper(), seed=0, env_steps=1000, wall_seconds=5.0, compile_seconds=1.0,
+            steps_to_threshold=1000, seconds_to_threshold=5.0, final_return_mean=final, final_return_std=0.0,
+            curve=[{"env_steps": 1000.0, "wall_seconds": 5.0, "eval_return": final}],
+        )
+
+    previous = {"load_average": [9.5, 8.5], "total_seconds": 60.0,
+                "runs": [dataclasses.asdict(run("ppo", 490.0)), dataclasses.asdict(run("bptt", 500.0))]}
+    (tmp_path / "compare_cartpole.json").write_text(json.dumps(previous))
+    monkeypatch.setattr(sb3, "available", lambda: False)  # the re-run algorithm is skipped: nothing trains
+    records = compare.run_comparison(
+        "cartpole", seeds=1, out_dir=tmp_path, algos=("sb3",), keep_other_algos=True, log=None
+    )
+    assert [(r.algo, r.final_return_mean) for r in records] == [("bptt", 500.0), ("ppo", 490.0)]
+    table = (tmp_path / "compare_cartpole.md").read_text()
+    assert "The rows of bptt, ppo were kept from a previous run" in table and "9.5 and 8.5" in table
+    assert len(json.loads((tmp_path / "compare_cartpole.json").read_text())["runs"]) == 2
