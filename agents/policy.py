@@ -108,6 +108,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 less umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -146,7 +150,8 @@ def load_policy_module(directory: str | os.PathLike) -> tuple[Policy, dict]:
         )
     header = json.loads(spec_path.read_text())
     spec = dict(header["spec"])
-    skeleton = Policy(**spec, key=jax.random.key(0))
+    # Shapes only: initialising real weights just to overwrite them costs a compile per load.
+    skeleton = eqx.filter_eval_shape(Policy, **spec, key=jax.random.key(0))
     policy = eqx.tree_deserialise_leaves(directory / CHECKPOINT_WEIGHTS, skeleton)
     return policy, header
 
