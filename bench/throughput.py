@@ -178,7 +178,7 @@ def prepare_rollout(
     root = jax.random.key(0, impl=key_impl) if key_impl else jax.random.key(0)
     key_reset, key_steps, key_actions = jax.random.split(root, 3)
     step_keys = jax.random.split(key_steps, num_steps * batch_size).reshape(num_steps, batch_size)
-    actions = _draw_actions(env_id, jax.random.key(1), (num_steps, batch_size))
+    actions = _draw_actions(env_id, key_actions, (num_steps, batch_size))
     _, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key_reset, batch_size), params)
     accumulator = jnp.zeros((batch_size,), jnp.float32)
 
@@ -445,7 +445,7 @@ def variants_worker(args) -> dict:
                             num_devices=args.num_devices, key_impl=impl,
                         )
                 except Exception as error:  # e.g. rbg keys cannot be split over devices under vmap
-                    rows.append(row | {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"})
+                    rows.append(row | {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:60]}…"})
                     _progress(f"{name:42s} {env_id:12s} B={batch_size:<6d} failed: {rows[-1]['error']}")
                     continue
                 calls[name] = (call, steps)
@@ -613,6 +613,12 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None else f"{a / b:.2f}×"
 
 
+def _noise(rows) -> str:
+    spreads = sorted((row["spread"][1] - row["spread"][0]) / row["steps_per_s"] for row in rows
+                     if "steps_per_s" in row)
+    return f"{100 * statistics.median(spreads):.0f}% [{100 * spreads[-1]:.0f}%]"
+
+
 def render_markdown(results: dict, args) -> str:
     """The report: machine, method, headline table, every setting, compile times, variants."""
     headline = args.headline
@@ -702,6 +708,10 @@ def render_markdown(results: dict, args) -> str:
     lines.append(f"- lowest ratio over all batch sizes: {ratios[worst]:.2f}× ({worst[0]}, batch {worst[1]}) "
                  f"(goal ≥ 1×: {'met' if ratios[worst] >= 1.0 else 'NOT met'})")
     lines.append("")
+    lines.append("Run-to-run noise, (max − min) / median over the repeats of each cell, median [largest] over "
+                 "the cells of a setting: " + "; ".join(
+                     f"`{name}` {_noise(jax_results[name]['rows'])}" for name in results["configs"]) + ".")
+    lines.append("")
 
     # Best setting per library, so a reader sees which setting each library prefers.
     lines += ["## Every setting", "", "`step` / `step_env`, M env-steps/s:", "",
@@ -743,20 +753,25 @@ def render_markdown(results: dict, args) -> str:
             "",
             "Each diffgym row changes one thing in the shipped `step`. `rbg`/`unsafe_rbg` rows pass "
             "keys of that PRNG implementation (`jax.random.key(seed, impl=...)`) to both libraries; "
-            "the last block reruns with `JAX_THREEFRY_PARTITIONABLE=0`. M env-steps/s:",
+            "the last block reruns with `JAX_THREEFRY_PARTITIONABLE=0`. The *floor* is not a valid `step` "
+            "(no auto-reset): it bounds what any reset scheme can reach. *Unrolled threefry (same bits)*: jax "
+            "lowers the threefry hash on CPU to a rolled 5-iteration `while` loop; written out, the reset draw "
+            "is bit-identical (checked at the start of every run). *Split-key bits*: the same distribution "
+            "(23-bit float32 uniforms) from half the hashes, but other draws for a given key. M env-steps/s:",
             "",
-            "| variant | env | batch | M steps/s | vs gymnax `step` (same block) |",
-            "|---|---|---:|---:|---:|",
+            "| variant | env | batch | M steps/s | min–max over repeats | vs gymnax `step` (same block) |",
+            "|---|---|---:|---:|---:|---:|",
         ]
         for block in results["variants"]:
             for row in block["rows"]:
                 reference = _rate(block["rows"], env=row["env"], variant="gymnax step", batch=row["batch"])
                 label = row["variant"] + ("" if row["threefry_partitionable"] else " [partitionable off]")
                 if "error" in row:
-                    lines.append(f"| {label} | {row['env']} | {row['batch']} | failed: {row['error']} | — |")
+                    lines.append(f"| {label} | {row['env']} | {row['batch']} | failed: {row['error']} | — | — |")
                     continue
+                low, high = row["spread"]
                 lines.append(f"| {label} | {row['env']} | {row['batch']} | {row['steps_per_s'] / 1e6:.2f} "
-                             f"| {_ratio(row['steps_per_s'], reference)} |")
+                             f"| {low / 1e6:.2f}–{high / 1e6:.2f} | {_ratio(row['steps_per_s'], reference)} |")
         lines.append("")
     return "\n".join(lines)
 
