@@ -309,7 +309,8 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "- The threshold is checked at each trainer's own evaluation points: BPTT's and PPO's on the "
         "functional env (agents.common.evaluate), SB3's on the gymnasium shell, each with its "
         "default number of episodes; a run stops at the first evaluation that reaches its trainer's "
-        "stop target (BPTT CartPole: 500; PPO and SB3: the threshold; BPTT Pendulum: none, whole budget).",
+        "default stop target (PPO and SB3: the threshold; BPTT: its default_config's stop_at_return, "
+        "500 on CartPole when this was written) or at the end of its budget.",
         "- The final return is every final policy on the same gymnasium episodes (seeds 10000 + seed ...).",
         "",
         f"Machine: {meta['machine']}. Total time of this comparison: {meta['total_seconds']:.0f} s.",
