@@ -312,7 +312,7 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     compile_seconds = 0.0
 
     def record(step_count: int):
-        errors = np.asarray(evaluate(weights))
+        errors = np.asarray(evaluate_compiled(weights))
         row = {
             "env_steps": int(step_count),
             "wall_seconds": time.perf_counter() - start,
@@ -327,7 +327,7 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
 
     compile_start = time.perf_counter()
     update_compiled = update.lower(weights, opt_state, key_train).compile()
-    evaluate.lower(weights).compile()
+    evaluate_compiled = evaluate.lower(weights).compile()
     compile_seconds += time.perf_counter() - compile_start
     record(0)
     keys = jax.random.split(key_train, updates)

@@ -189,7 +189,7 @@ def test_inertia_swap_is_the_default_and_a_parameter():
 # --------------------------------------------------------------------------------------------
 # The functional env
 # --------------------------------------------------------------------------------------------
-def test_env_reset_step_reward_and_spaces(key):
+def test_env_reset_step_reward_and_spaces(key, batch_shoot):
     env, params = diffgym.make("Trebuchet-v0")
     obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(key, 2000), params)
     assert obs.shape == (2000, 2) and obs.dtype == jnp.float32
@@ -201,7 +201,7 @@ def test_env_reset_step_reward_and_spaces(key):
     action = jnp.array([45.0, 200 * POUND])
     one = jax.tree.map(lambda x: x[0], state)
     obs1, state1, reward, terminated, truncated, info = jax.jit(env.step)(key, one, action, params)
-    expected = T.shoot(one.wind, 45.0, 200 * POUND)
+    expected = batch_shoot(one.wind[None], jnp.full(1, 45.0), jnp.full(1, 200 * POUND))[0][0]
     np.testing.assert_allclose(info["distance"], expected, rtol=1e-6)
     np.testing.assert_allclose(reward, -abs(expected - one.target), rtol=1e-6)
     assert bool(terminated) and not bool(truncated)

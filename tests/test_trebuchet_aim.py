@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,8 @@ def test_aim_hits_every_reachable_target_within_a_centimetre():
     )
     hit_distances, grid_distances = distances[: len(targets)], distances[len(targets) :].reshape(len(unique_winds), -1)
 
-    # Two float32 programs (batched differently) agree to a fraction of a millimetre.
-    np.testing.assert_allclose(hit_distances, result.distance, atol=1e-3)
+    # Two float32 programs (batched differently) agree to a few 1e-5 relative.
+    np.testing.assert_allclose(hit_distances, result.distance, rtol=1e-4)
     assert np.all(np.abs(hit_distances[reachable] - targets[reachable]) <= 0.01)
     longest = dict(zip(unique_winds, grid_distances.max(1)))
     shortest = dict(zip(unique_winds, grid_distances.min(1)))
@@ -96,5 +97,5 @@ def test_bundled_network_loads_and_aims(tmp_path):
     assert act.env_id == "Trebuchet-v0"
     module = act.module
     obs = np.array([[40.0, 2.0], [70.0, -1.0], [90.0, 4.0]], np.float32)
-    errors = np.asarray(aiming.aiming_errors(module, jnp.asarray(obs)))
+    errors = np.asarray(eqx.filter_jit(aiming.aiming_errors)(module, jnp.asarray(obs)))
     assert np.all(np.abs(errors) / obs[:, 0] < 0.05)
