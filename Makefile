@@ -33,9 +33,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
-bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python -m bench.run_all
+# The anchors (gymnax 1.0.1 pins gymnasium<1.4) live in their own venv, never in .venv.
+BENCH_STAMP := .venv-bench/.installed
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet --upgrade pip
+	.venv-bench/bin/pip install --quiet -e '.[render,test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	.venv-bench/bin/python -m bench.run_all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
