@@ -58,7 +58,8 @@ def test_folded_standardisation_is_exact(key):
 
 
 def test_training_learns_on_a_small_budget(tmp_path):
-    """100 updates of 32 shots: the median aiming error drops at least five-fold (measured ~8x)."""
+    """100 updates of 32 shots: the median aiming error drops at least five-fold (measured: 0.45 -> 0.012
+    of the target, 38x)."""
     config = dataclasses.replace(
         aiming.AimingConfig(), total_env_steps=3200, batch_size=32, eval_every=3200, eval_shots=256
     )
