@@ -29,6 +29,17 @@ about five episodes this way.
   sideways. The energy gap shrinks at once when the torque pumps, so the pumping is learned in
   one window. The torque is ``2 tanh(raw)``, inside ±2.
 
+**Optional critic (SHAC-style, ``critic_width > 0``).** A value network ``V(obs)`` learns the
+discounted surrogate cost-to-go of the current policy; each window's loss becomes
+``sum_t discount^t c_t + discount^(t+1) V(s_t+1)`` at the window's end (and at a truncation inside
+it; not after CartPole's termination), so a short window is judged by what follows it too (Xu et
+al. 2022, "Accelerated Policy Learning with Parallel Differentiable Simulation"). After each policy
+update the critic takes ``critic_updates`` Adam steps towards the window's TD(lambda) targets,
+computed from the states already simulated: no extra env step. Its output is in units of
+``_cost_unit / (1 - discount)`` so that it stays of order 1; its output layer starts at zero (no
+bootstrap before it has learned anything). Off by default: on Pendulum at 4 000 steps it did not
+beat the plain trainer (see bench/results/bptt.md).
+
 Evaluations (the learning curve) always use ``agents.common.evaluate``: hard actions, the true env
 reward, gymnasium's reset distribution, fresh episodes each time.
 
@@ -46,7 +57,8 @@ went non-finite, instead of carrying on with corrupted weights.
 **Measured** (``python -m bench.bench_bptt``, ``bench/results/bptt.md``, 2 shared CPU cores):
 CartPole-v1 reaches 500 after 1 000-2 000 env steps (5 of 5 seeds), in 3.7-4.0 s of CPU with
 compilation (training proper: under 0.1 s). Pendulum-v1 reaches -200 after 14 000-16 000 steps (4
-of 5 seeds), not within the 4 000 steps aimed at.
+of 5 seeds), not within the 4 000 steps aimed at; the critic did not change that (its best
+configuration: -982 on average over 5 seeds at 4 000 steps, the plain trainer -999).
 """
 
 from __future__ import annotations
@@ -107,7 +119,9 @@ class BPTTConfig:
     """Typical magnitude of each observation entry, used to scale the network's inputs while
     training (folded into the first layer of the returned policy). Empty: the env's default."""
     discount: float = 1.0
-    """Per-step weight ``discount**t`` on the cost inside a window (1 = plain sum)."""
+    """Per-step weight ``discount**t`` on the cost inside a window (1 = plain sum); with a critic,
+    also the discount of the value it learns (then < 1: its horizon is about ``1 / (1 - discount)``
+    steps)."""
     angle_weight: float = 1.0
     """CartPole surrogate: weight of ``(theta / theta_threshold)^2``."""
     position_weight: float = 0.1
@@ -128,6 +142,18 @@ class BPTTConfig:
     """Functional-env episodes per evaluation (hard actions, true reward)."""
     stop_at_return: float | None = None
     """Stop as soon as an evaluation's mean return reaches this; ``None`` trains the whole budget."""
+    critic_width: int = 0
+    """Hidden width of a learned value function that bootstraps each truncated window (SHAC, Xu et
+    al. 2022): the window's loss becomes its discounted costs plus ``discount**window V(s_end)``.
+    0: no critic (plain truncated BPTT)."""
+    critic_depth: int = 2
+    """Hidden layers of the critic MLP."""
+    critic_learning_rate: float = 3e-3
+    """Adam step size of the critic."""
+    critic_updates: int = 4
+    """Critic gradient steps per window (free: they reuse the window's simulated states)."""
+    td_lambda: float = 0.95
+    """TD(lambda) mixing of the critic's targets along the window."""
     keep_best: bool = True
     """Return the policy of the best learning-curve evaluation rather than the last one. The pick is
     made on the curve's episodes, so judge the result on other episodes (``bench/bench_bptt.py``
@@ -238,6 +264,15 @@ def _surrogate_cost(env_id: str, params, config: BPTTConfig, next_state, reward)
     return cost + config.energy_weight * energy_gap**2
 
 
+def _cost_unit(env_id: str, config: BPTTConfig) -> float:
+    """A typical bad per-step surrogate cost (the critic predicts values in units of it over the
+    discount's horizon, so its outputs stay of order 1): CartPole at the thresholds, Pendulum
+    hanging at rest (angle cost pi^2, energy gap 1)."""
+    if env_id == "CartPole-v1":
+        return config.angle_weight + config.position_weight + config.velocity_weight
+    return math.pi**2 + config.energy_weight
+
+
 # --------------------------------------------------------------------------------------------
 # Observation scaling: trained on scaled inputs, returned with the scale folded into layer 0
 # --------------------------------------------------------------------------------------------
@@ -254,22 +289,31 @@ def _fold_obs_scale(policy: Policy, obs_scale: jax.Array) -> Policy:
 _NONFINITE_STATE, _NONFINITE_LOSS, _NONFINITE_GRAD = 1, 2, 4
 
 
-def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimizer, obs_scale):
+def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimizer, obs_scale, critic=None):
     """Build ``run_chunk(carry, start_uniforms, num_active) -> (carry, (losses, grad_norms))``.
 
     One call makes ``_updates_per_chunk(config)`` updates, of which the first ``num_active`` run and
     the rest are skipped (``lax.cond``: nothing simulated). ``start_uniforms`` has shape
     ``(updates, num_envs, window, _START_DRAWS[env_id])``: the start state used if a rollout resets
     at that step. ``carry`` is ``(weights, opt_state, states, update_index, failed_code,
-    failed_update, failed_window_step)``.
+    failed_update, failed_window_step, critic_weights, critic_opt_state)``; the last two are ``()``
+    without a critic. ``critic`` is ``(critic_static, critic_optimizer)`` when
+    ``config.critic_width > 0``.
     """
     env, _ = diffgym.make(env_id)
     train_params = dataclasses.replace(params, max_steps_in_episode=config.episode_length)
-    step_weights = config.discount ** jnp.arange(config.window, dtype=jnp.float32)
+    discount = config.discount
+    step_weights = discount ** jnp.arange(config.window, dtype=jnp.float32)
+    value_scale = _cost_unit(env_id, config) / (1.0 - discount) if critic is not None else 1.0
+    is_last = jnp.arange(config.window) == config.window - 1
 
     def act(weights, obs):
         # Straight-through 0./1. (CartPole: hard forward, sigmoid gradient) or the squashed torque.
         return eqx.combine(weights, static).relaxed(obs / obs_scale, config.temperature)
+
+    def value(critic_weights, obs):
+        """The critic's discounted cost-to-go from one observation, in cost units."""
+        return value_scale * eqx.combine(critic_weights, critic[0])(obs / obs_scale)[0]
 
     def env_step(weights, state, start_uniforms):
         """One training step of one rollout, reset at termination or at the episode's end."""
@@ -282,23 +326,74 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
         # The reset state is a constant: the gradient is cut there, as Environment.step does.
         carried = jax.tree.map(lambda r, s: jnp.where(done, r, s), fresh, next_state)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(next_state)]))
-        return carried, (cost, finite)
+        # The state reached before any reset: where a critic bootstraps a cut-off episode.
+        next_obs = env.get_obs(next_state, train_params)
+        return carried, (cost, finite, next_obs, done, terminated)
 
-    def window_loss(weights, states, start_uniforms):
-        """Discount-weighted mean cost per step of one window, averaged over the rollouts."""
+    def window_loss(weights, critic_weights, states, start_uniforms):
+        """Discount-weighted mean cost per step of one window, averaged over the rollouts.
+
+        With a critic, the discounted value of where each episode piece ends (the window's end, or
+        a truncation inside it) is added: the window is then judged by what follows it too.
+        """
 
         def one_rollout(state, uniforms):
             return jax.lax.scan(lambda state, u: env_step(weights, state, u), state, uniforms)
 
-        states, (costs, finite) = jax.vmap(one_rollout)(states, start_uniforms)
-        loss = jnp.mean(costs @ step_weights) / jnp.sum(step_weights)
-        return loss, (states, finite)
+        states, (costs, finite, next_obs, done, terminated) = jax.vmap(one_rollout)(states, start_uniforms)
+        total = costs @ step_weights
+        if critic is not None:
+            bootstrap = (done | is_last) & ~terminated
+            values = jax.vmap(jax.vmap(lambda obs: value(critic_weights, obs)))(next_obs)
+            total = total + jnp.sum(jnp.where(bootstrap, values, 0.0) * discount * step_weights, axis=-1)
+        loss = jnp.mean(total) / jnp.sum(step_weights)
+        return loss, (states, finite, (costs, next_obs, done, terminated))
 
     grad_fn = jax.value_and_grad(window_loss, has_aux=True)
 
+    def critic_targets(critic_weights, costs, next_obs, done, terminated):
+        """TD(lambda) returns of one rollout's window, ``(window,)``, reading the critic's values."""
+        next_values = jax.vmap(lambda obs: value(critic_weights, obs))(next_obs)
+        next_values = jnp.where(terminated, 0.0, next_values)
+        # The lambda-chain stops where an episode piece ends (reset or the window's end).
+        chained = ~(done | is_last)
+
+        def backward(later_return, xs):
+            cost, next_value, chain = xs
+            mixed = (1 - config.td_lambda) * next_value + config.td_lambda * later_return
+            blended = jnp.where(chain, mixed, next_value)
+            target = cost + discount * blended
+            return target, target
+
+        _, targets = jax.lax.scan(backward, jnp.float32(0.0), (costs, next_values, chained), reverse=True)
+        return targets
+
+    def train_critic(critic_weights, critic_opt_state, obs, costs, next_obs, done, terminated):
+        """``critic_updates`` Adam steps towards the window's TD(lambda) targets (no env step)."""
+        targets = jax.vmap(critic_targets, in_axes=(None, 0, 0, 0, 0))(
+            critic_weights, costs, next_obs, done, terminated
+        )
+        targets = jax.lax.stop_gradient(targets) / value_scale
+
+        def critic_loss(critic_weights):
+            predicted = jax.vmap(jax.vmap(lambda o: value(critic_weights, o)))(obs) / value_scale
+            return jnp.mean((predicted - targets) ** 2)
+
+        def critic_step(carry, _):
+            critic_weights, critic_opt_state = carry
+            grads = jax.grad(critic_loss)(critic_weights)
+            updates, critic_opt_state = critic[1].update(grads, critic_opt_state, critic_weights)
+            return (optax.apply_updates(critic_weights, updates), critic_opt_state), None
+
+        (critic_weights, critic_opt_state), _ = jax.lax.scan(
+            critic_step, (critic_weights, critic_opt_state), None, length=config.critic_updates
+        )
+        return critic_weights, critic_opt_state
+
     def update(carry, start_uniforms):
-        weights, opt_state, states, update_index, failed_code, failed_update, failed_step = carry
-        (loss, (new_states, finite)), grads = grad_fn(weights, states, start_uniforms)
+        weights, opt_state, states, update_index, failed_code, failed_update, failed_step = carry[:7]
+        critic_weights, critic_opt_state = carry[7:]
+        (loss, (new_states, finite, window)), grads = grad_fn(weights, critic_weights, states, start_uniforms)
         grad_norm = optax.tree.norm(grads)
         state_ok = jnp.all(finite)
         code = (
@@ -309,6 +404,16 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
         ok = code == 0
         updates, new_opt_state = optimizer.update(grads, opt_state, weights)
         new_weights = optax.apply_updates(weights, updates)
+        new_critic = (critic_weights, critic_opt_state)
+        if critic is not None:
+            costs, next_obs, done, terminated = window
+            # The observations the window acted on: its start, then each next state (after resets).
+            start_obs = jax.vmap(lambda s: env.get_obs(s, train_params))(states)
+            later_obs = _after_reset_obs(next_obs, done, start_uniforms)
+            acted_obs = jnp.concatenate([start_obs[:, None], later_obs], axis=1)
+            new_critic = train_critic(
+                critic_weights, critic_opt_state, acted_obs, costs, next_obs, done, terminated
+            )
 
         def keep(new, old):
             # A non-finite update is dropped whole: weights, optimiser moments and env states.
@@ -323,8 +428,15 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
             jnp.where(ok, failed_update, update_index),
             # The first simulated step of the window (any rollout) whose state is non-finite.
             jnp.where(ok, failed_step, jnp.where(state_ok, -1, jnp.argmin(jnp.all(finite, axis=0)))),
+            *keep(new_critic, (critic_weights, critic_opt_state)),
         )
         return carry, (loss, grad_norm)
+
+    def _after_reset_obs(next_obs, done, start_uniforms):
+        """Observations at steps 1..window-1 of the window: the next state, or the fresh start."""
+        fresh = _training_start(env_id, train_params, config, start_uniforms)
+        fresh_obs = jax.vmap(jax.vmap(lambda s: env.get_obs(s, train_params)))(fresh)
+        return jnp.where(done[..., None], fresh_obs, next_obs)[:, :-1]
 
     def skip(carry, start_uniforms):
         return carry, (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
@@ -370,6 +482,24 @@ def _validate(config: BPTTConfig) -> None:
         )
     if not 0 < config.discount <= 1:
         raise ValueError(f"BPTTConfig.discount must be in (0, 1], got {config.discount!r}")
+    if config.critic_width > 0:
+        if config.discount == 1:
+            raise ValueError(
+                "a critic (critic_width > 0) learns a discounted value: set BPTTConfig.discount below 1 "
+                "(e.g. 0.97), got 1.0"
+            )
+        if not (isinstance(config.critic_updates, int) and config.critic_updates >= 1):
+            raise ValueError(
+                f"BPTTConfig.critic_updates must be a positive integer, got {config.critic_updates!r}"
+            )
+        if not 0 <= config.td_lambda <= 1:
+            raise ValueError(f"BPTTConfig.td_lambda must be in [0, 1], got {config.td_lambda!r}")
+        if not config.critic_learning_rate > 0:
+            raise ValueError(
+                f"BPTTConfig.critic_learning_rate must be > 0, got {config.critic_learning_rate!r}"
+            )
+    elif config.critic_width < 0:
+        raise ValueError(f"BPTTConfig.critic_width must be >= 0 (0: no critic), got {config.critic_width!r}")
     if config.window > config.episode_length:
         raise ValueError(
             f"BPTTConfig.window ({config.window}) is longer than episode_length ({config.episode_length}); "
@@ -515,25 +645,39 @@ def _first_evaluation(env_id: str, config: BPTTConfig) -> bool:
 
 
 def _init_policy(spec: dict, output_scale: float, rng: np.random.Generator) -> Policy:
-    """A ``Policy`` with equinox's default initialisation drawn by numpy.
-
-    Every ``Linear`` layer gets weights and bias uniform in ±1/sqrt(fan_in), as ``eqx.nn.Linear``;
-    the output layer is then scaled by ``output_scale``. Drawing on the host avoids compiling
-    JAX's PRNG for a few hundred numbers.
-    """
+    """A ``Policy`` with equinox's default initialisation drawn by numpy (see ``_init_mlp``)."""
     skeleton = eqx.filter_eval_shape(Policy, **spec, key=jax.random.key(0))
-    layers = skeleton.mlp.layers
+    return eqx.tree_at(lambda policy: policy.mlp, skeleton, _draw_mlp(skeleton.mlp, output_scale, rng))
+
+
+def _init_mlp(spec: dict, output_scale: float, rng: np.random.Generator) -> eqx.nn.MLP:
+    """An ``eqx.nn.MLP(**spec)`` with equinox's default initialisation drawn by numpy."""
+    return _draw_mlp(eqx.filter_eval_shape(eqx.nn.MLP, **spec, key=jax.random.key(0)), output_scale, rng)
+
+
+def _draw_mlp(skeleton: eqx.nn.MLP, output_scale: float, rng: np.random.Generator) -> eqx.nn.MLP:
+    """Fill an MLP's shapes: every ``Linear`` layer gets weights and bias uniform in
+    ±1/sqrt(fan_in), as ``eqx.nn.Linear``; the output layer is then scaled by ``output_scale``.
+    Drawing on the host avoids compiling JAX's PRNG for a few hundred numbers."""
     new_leaves = []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(skeleton.layers):
         bound = 1.0 / math.sqrt(layer.in_features)
-        scale = output_scale if index == len(layers) - 1 else 1.0
+        scale = output_scale if index == len(skeleton.layers) - 1 else 1.0
         weight = rng.uniform(-bound, bound, layer.weight.shape).astype(np.float32) * scale
         bias = rng.uniform(-bound, bound, layer.bias.shape).astype(np.float32) * scale
         new_leaves += [jnp.asarray(weight), jnp.asarray(bias)]
-    def leaves(policy):
-        return [leaf for layer in policy.mlp.layers for leaf in (layer.weight, layer.bias)]
+
+    def leaves(mlp):
+        return [leaf for layer in mlp.layers for leaf in (layer.weight, layer.bias)]
 
     return eqx.tree_at(leaves, skeleton, new_leaves)
+
+
+def _zeros_like_state(optimizer, weights):
+    """``optimizer.init(weights)`` built on the host (Adam's zero moments): nothing to compile."""
+    return jax.tree.map(
+        lambda leaf: jnp.asarray(np.zeros(leaf.shape, leaf.dtype)), jax.eval_shape(optimizer.init, weights)
+    )
 
 
 @dataclasses.dataclass
@@ -545,8 +689,10 @@ class _Setup:
     static: Any  # the policy's non-array part
     obs_scale: np.ndarray
     rng: np.random.Generator
-    carry: tuple  # (weights, opt_state, states, update_index, failed_code, failed_update, failed_step)
+    carry: tuple  # (weights, opt_state, states, update_index, failed_code, failed_update, failed_step,
+    #               critic_weights, critic_opt_state)
     run_chunk: Callable
+    critic_static: Any = None  # the critic's non-array part (None without a critic)
 
 
 def _setup(env_id: str, config: BPTTConfig, seed: int, env_params=None, optimizer=None) -> _Setup:
@@ -567,15 +713,24 @@ def _setup(env_id: str, config: BPTTConfig, seed: int, env_params=None, optimize
             config.learning_rate, config.learning_rate * config.final_learning_rate_fraction, total_updates
         )
         optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule))
-    opt_state = jax.tree.map(
-        lambda leaf: jnp.asarray(np.zeros(leaf.shape, leaf.dtype)), jax.eval_shape(optimizer.init, weights)
-    )
+    opt_state = _zeros_like_state(optimizer, weights)
     train_params = dataclasses.replace(params, max_steps_in_episode=config.episode_length)
     start_uniforms = rng.random((config.num_envs, _START_DRAWS[env_id]), np.float32)
     states = _training_start(env_id, train_params, config, jnp.asarray(start_uniforms))
-    carry = (weights, opt_state, states, jnp.int32(0), jnp.int32(0), jnp.int32(-1), jnp.int32(-1))
-    run_chunk = _make_chunk_runner(env_id, params, config, static, optimizer, jnp.asarray(obs_scale))
-    return _Setup(params, spec, static, obs_scale, rng, carry, run_chunk)
+    critic, critic_carry, critic_static = None, ((), ()), None
+    if config.critic_width > 0:
+        critic_spec = dict(
+            in_size=spec["obs_size"], out_size=1, width_size=config.critic_width, depth=config.critic_depth,
+            activation=jnp.tanh,
+        )  # fmt: skip
+        critic_weights, critic_static = eqx.partition(_init_mlp(critic_spec, 0.0, rng), eqx.is_array)
+        critic_optimizer = optax.adam(config.critic_learning_rate)
+        critic_opt_state = _zeros_like_state(critic_optimizer, critic_weights)
+        critic, critic_carry = (critic_static, critic_optimizer), (critic_weights, critic_opt_state)
+    flags = (jnp.int32(0), jnp.int32(0), jnp.int32(-1), jnp.int32(-1))
+    carry = (weights, opt_state, states, *flags, *critic_carry)
+    run_chunk = _make_chunk_runner(env_id, params, config, static, optimizer, jnp.asarray(obs_scale), critic)
+    return _Setup(params, spec, static, obs_scale, rng, carry, run_chunk, critic_static)
 
 
 def _raise_nonfinite(env_id: str, config: BPTTConfig, update: int, window_step: int, code: int) -> None:

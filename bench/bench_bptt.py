@@ -71,8 +71,36 @@ steps, 1-32 rollouts, wider training starts (theta_dot in ±4 rad/s), short trai
 these sweeps scored the env's cost on the state *before* each step, as the env's reward does;
 a 1-step window then sees no effect of its action. Scoring the next state is what made the
 20 000-step configuration work.) The default configuration needs 14 000-16 000 steps for -200
-(4 of 5 seeds; seed 3 stalls at -343). A learned critic to bootstrap the truncated windows
-(SHAC-style) is the obvious next step; not done.
+(4 of 5 seeds; seed 3 stalls at -343).
+
+**A learned critic (SHAC-style, `critic_width > 0`; off by default).** A value network learns the
+discounted surrogate cost-to-go by TD(lambda) on the windows already simulated (free critic
+steps), and each window's loss adds `discount^H V(s_H)`. The critic itself learns what it should:
+with the policy frozen it predicts a rollout's discounted cost within 11-17% RMS of the costs'
+spread (`tests/test_bptt.py` asserts 25%). It did not bring the 4 000-step goal (mean of the
+final 100-episode returns on the functional env, seeds 0-1 unless said; plain trainer, from the
+tables above: -1 106 on seeds 0-2, -999 on seeds 0-4):
+
+| critic configuration (rest: the default) | mean at 4 000 steps |
+|---|---|
+| energy 1000, discount 0.97, window 4, 32 critic steps/update (lr 1e-2) | -1 137 |
+| energy 1000, discount 0.9, window 4, 16 critic steps | -1 045 |
+| energy 0, discount 0.9-0.98, windows 4-8, 16-32 critic steps | -1 004 to -1 206 |
+| energy 30, discount 0.97, windows 4-16, 1-2 rollouts, lr 1e-2 to 2e-2, decay or not | -996 to -1 422 |
+| energy 100, discount 0.95-0.97, window 4-8 | -1 197 to -1 279 |
+| energy 30, discount 0.9, window 8, 2 rollouts, 32 critic steps (5 seeds) | -982 (-843, -1 087, -822, -1 024, -1 134) |
+| the same with 64 critic steps, or 1 rollout, or energy 10 and lr 2e-2 (3 seeds) | -1 128 to -1 253 |
+
+With the critic, the strong energy weight hurts: energy 1000 with discount 0.97 was still at
+-1 420 after 16 000 steps (the plain trainer reaches -200 there). At 12 000 steps, energy 30 /
+discount 0.97 / window 8 reached -229 at 6 000 steps and -162 at 12 000 on seed 0, but only -486,
+-991 and -912 on seeds 1-3: not reliably faster than the plain trainer. Many runs stall near
+-1 400 to -1 600 (hanging, or pushing one way: the tanh saturates and the gradient through it
+vanishes). Not tried for lack of time: a replay buffer for the critic (it sees only the current
+window's 16 states), a target network, bottom-heavy training starts with a critic. The critic also
+adds 1-3 s of compile (4.5 s -> 5-8 s on the shared machine, up to 19 s when the load average
+was 10). Within the noise of 5 seeds, the critic's best configuration equals the plain trainer at
+4 000 steps, so the default stays without it.
 """
 SETTINGS = {
     "default": "",
