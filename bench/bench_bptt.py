@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from bench.machine import cpu_model
 
 RESULTS = Path(__file__).parent / "results" / "bptt.md"
 #: Hand-written notes appended to the generated tables: what was tried, where the time goes.
@@ -185,14 +186,7 @@ def _run_in_subprocess(setting: str, run_index: int, seed: int) -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import jax
 
     return (

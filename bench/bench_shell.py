@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench.machine import cpu_model, load_average
 
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 #: The process-wide settings compared, as environment variables of a fresh process each.
@@ -148,15 +149,8 @@ def _machine() -> str:
     import gymnasium
     import jax
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    cpu = cpu_model()
+    load = load_average()
     return (
         f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average at the end (1/5/15 min): {load}\n"
         f"- Python {platform.python_version()} ({sys.prefix}), jax {jax.__version__} "

@@ -24,6 +24,7 @@ import numpy as np
 from agents import trebuchet as aiming
 from agents.policy import atomic_write_text, load_policy_module, save_policy
 from diffgym.envs import trebuchet as T
+from bench.machine import cpu_model, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "trebuchet.md"
@@ -44,18 +45,8 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
 
 
 def machine() -> str:
-    try:
-        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        load = "n/a"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    load = load_average(digits=1)
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}, jax {jax.__version__} on {jax.devices()[0].platform}; "

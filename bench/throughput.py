@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from bench.machine import cpu_model
 
 RESULTS = Path(__file__).parent / "results" / "throughput.md"
 ENV_IDS = ("CartPole-v1", "Pendulum-v1")
@@ -563,14 +564,7 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict[str, str]:
-    cpu_model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     memory = "unknown"
     try:
         kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
@@ -578,7 +572,7 @@ def _machine() -> dict[str, str]:
     except (OSError, IndexError, ValueError):
         pass
     return {
-        "cpu": cpu_model,
+        "cpu": cpu,
         "cores": f"{os.cpu_count()} logical ({len(os.sched_getaffinity(0))} usable by this process)",
         "memory": memory,
         "os": platform.platform(),
