@@ -1,4 +1,4 @@
-"""Stable-Baselines3 peers for the comparison: SB3's PPO (CartPole) and SAC (Pendulum).
+"""Stable-Baselines3 peers for the comparison: SB3's PPO (CartPole) and SAC (Pendulum, Trebuchet).
 
 They train on diffgym's gymnasium shells (``gymnasium.make("diffgym/CartPole-v1")``) with
 RL-Zoo's tuned hyper-parameters, and a callback records the same learning curve as our
@@ -63,6 +63,8 @@ class SB3Config:
     """Episodes per evaluation."""
     target_return: float | None = 475.0
     """Stop once the evaluation mean reaches this; ``None`` spends the whole budget."""
+    source: str = "RL-Zoo"
+    """Where the hyper-parameters come from (shown in the comparison's labels)."""
 
 
 def default_config(env_id: str) -> SB3Config:
@@ -72,6 +74,14 @@ def default_config(env_id: str) -> SB3Config:
       20 epochs, no entropy bonus, learning rate ``lin_1e-3``, clip range ``lin_0.2``, 1e5 steps.
     * Pendulum-v1 — SAC: learning rate 1e-3 and SB3's defaults otherwise (one env, 256x256
       ReLU networks, batch 256, one gradient step per env step, automatic entropy), 2e4 steps.
+    * Trebuchet-v0 — SAC. RL-Zoo has no trebuchet: Pendulum-v1's settings above (learning rate
+      1e-3, SB3's SAC defaults otherwise; its default ``learning_starts`` of 100 random shots).
+      SB3's SAC squashes its actions with tanh into the env's box, so the raw observation scale
+      (target in m, wind in m/s) is the only thing it meets unscaled. One env step is one shot.
+      Budget 1e4 shots: SAC makes one gradient step of two 256x256 critics per shot, about
+      10-20 ms each on this 2-core machine, so that is minutes of wall time, the order of what
+      PPO spends on its ~1e5 shots. Stop at a mean miss of 1 m; evaluation every 1000 shots on
+      200 shots (the gymnasium shell, one shot per episode).
     """
     env_id = diffgym.resolve_env_id(env_id)
     if env_id == "CartPole-v1":
@@ -95,7 +105,19 @@ def default_config(env_id: str) -> SB3Config:
             eval_episodes=64,
             target_return=-200.0,
         )
-    raise ValueError(f"no RL-Zoo settings for {env_id!r} here; known: CartPole-v1, Pendulum-v1")
+    if env_id == "Trebuchet-v0":
+        return SB3Config(
+            algo="sac",
+            total_env_steps=10_000,
+            hyperparams={"n_envs": 1, "learning_rate": 1e-3},
+            eval_every_env_steps=1000,
+            eval_episodes=200,
+            target_return=-1.0,
+            source="RL-Zoo's Pendulum settings",
+        )
+    raise ValueError(
+        f"no RL-Zoo settings for {env_id!r} here; known: CartPole-v1, Pendulum-v1, Trebuchet-v0"
+    )
 
 
 def gymnasium_id(env_id: str) -> str:

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +82,33 @@ def test_gaussian_log_prob_is_scaled_to_the_box():
     np.testing.assert_allclose(entropy, 0.5 * np.log(2 * np.pi * np.e * std**2), rtol=1e-5)
 
 
+def test_observation_standardisation_is_folded_into_the_acting_policy():
+    # The trained networks see (obs - mean) / std; the returned Policy takes raw observations.
+    config = ppo.default_config("Trebuchet-v0")
+    spec = {"obs_size": 2, "action_size": 2, "kind": "box", "low": [0.0, 20.0], "high": [90.0, 220.0],
+            "width": 8, "depth": 1, "activation": "tanh"}
+    model = ppo.init_actor_critic(spec, config, jax.random.key(4))
+    # A non-zero first-layer bias, so that the fold's bias term is exercised.
+    model = eqx.tree_at(lambda m: m.actor.mlp.layers[0].bias, model, jnp.linspace(-1.0, 1.0, 8))
+    obs = jnp.array([[87.0, -12.0], [25.0, 3.5], [60.0, 0.0]])
+    standardised = (obs - jnp.array(config.obs_mean)) / jnp.array(config.obs_std)
+    acting = model.acting_policy()
+    np.testing.assert_allclose(
+        jax.vmap(acting.raw)(obs), jax.vmap(model.actor.raw)(standardised), rtol=1e-5, atol=1e-5
+    )
+    # The critic standardises too; without a standardisation the actor is returned unchanged.
+    np.testing.assert_allclose(model.value(obs[0]), model.critic(standardised[0]), rtol=1e-6)
+    plain = ppo.init_actor_critic(spec, ppo.PPOConfig(), jax.random.key(4))
+    assert plain.acting_policy() is plain.actor
+
+
 def test_config_errors_quote_the_values():
+    with pytest.raises(ValueError, match="obs_mean and obs_std go together"):
+        ppo.PPOConfig(obs_mean=(0.0, 0.0))
+    with pytest.raises(ValueError, match=r"obs_std must be positive .* obs_std=\(1.0, 0.0\)"):
+        ppo.PPOConfig(obs_mean=(0.0, 0.0), obs_std=(1.0, 0.0))
+    with pytest.raises(ValueError, match="reward_scale must be positive, got 0"):
+        ppo.PPOConfig(reward_scale=0)
     with pytest.raises(ValueError, match="num_minibatches=3 must divide .* = 256"):
         ppo.PPOConfig(num_minibatches=3)
     with pytest.raises(ValueError, match="did you mean|Did you mean"):
