@@ -416,6 +416,7 @@ def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
         if meta["env_id"] == "Trebuchet-v0":
             # Misses fall from tens of metres to under one: linear below 1 m, logarithmic above.
             ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(top=0.0)  # a return is minus a miss: never positive
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("evaluation return (deterministic policy)")
