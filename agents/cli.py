@@ -113,7 +113,7 @@ class CompareArgs:
     compare_<env>.json to --out."""
 
     env: str
-    """Environment: cartpole or pendulum (or an id)."""
+    """Environment: cartpole, pendulum or trebuchet (or an id)."""
     seeds: int = 3
     """Number of seeds per algorithm (seeds 0 .. N-1)."""
     out: Path = Path("bench/results")
@@ -123,7 +123,7 @@ class CompareArgs:
     budgets: dict[str, int] = dataclasses.field(default_factory=dict)
     """Env-step budget per algorithm overriding its default, e.g. --budgets ppo 20000."""
     eval_episodes: int | None = None
-    """Gymnasium episodes of each final evaluation; None: 20 CartPole, 100 Pendulum."""
+    """Gymnasium episodes of each final evaluation; None: 20 CartPole, 100 Pendulum, 500 Trebuchet shots."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,12 +134,8 @@ def algorithm_module(algo: str, env_id: str):
     ``train(env_id, config, *, seed, progress_fn, render_fn)`` (imported lazily; UsageError if none)."""
     if algo not in ALGORITHMS:
         raise UsageError(f"unknown --algo {algo!r}; choose one of: {', '.join(ALGORITHMS)}")
-    if env_id == "Trebuchet-v0":
-        if algo != "bptt":
-            raise UsageError(
-                f"--algo {algo} cannot train Trebuchet-v0: its aiming network is trained by BPTT "
-                "through the simulator (--algo bptt)"
-            )
+    if env_id == "Trebuchet-v0" and algo == "bptt":
+        # BPTT on the trebuchet is the aiming network trained through the simulator.
         return _TrebuchetAiming(_import_trainer("agents.trebuchet", "training the trebuchet"))
     return _import_trainer(ALGORITHMS[algo], f"--algo {algo}")
 
