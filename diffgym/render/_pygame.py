@@ -38,9 +38,14 @@ def new_surface(width: int, height: int, background: Color = WHITE):
 
 
 def surface_to_frame(surface) -> np.ndarray:
-    """The surface's pixels as a fresh ``(height, width, 3)`` uint8 array (row 0 at the top)."""
+    """The surface's pixels as a fresh ``(height, width, 3)`` uint8 array (row 0 at the top).
+
+    ``pygame.image.tobytes`` is already row-major RGB: about 10x faster than ``surfarray`` plus a
+    transpose, which matters for the hundreds of frames of an animated step (a trebuchet shot).
+    """
     pygame = import_pygame()
-    return np.ascontiguousarray(np.transpose(pygame.surfarray.array3d(surface), (1, 0, 2)))
+    data = pygame.image.tobytes(surface, "RGB")
+    return np.frombuffer(data, np.uint8).reshape(surface.get_height(), surface.get_width(), 3).copy()
 
 
 class Viewport:
