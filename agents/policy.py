@@ -76,12 +76,18 @@ class Policy(eqx.Module):
         """The network's output for one observation: shape ``(action_size,)``."""
         return self.mlp(obs)
 
-    def relaxed(self, obs: jax.Array, temperature: float = 1.0) -> jax.Array:
-        """The action with a gradient: straight-through 0./1. (bernoulli) or the squashed box action."""
+    def relaxed(self, obs: jax.Array, temperature: float = 1.0, *, inward_gradient: bool = False) -> jax.Array:
+        """The action with a gradient: straight-through 0./1. (bernoulli) or the squashed box action.
+
+        ``inward_gradient`` (box only) changes the squash's gradient, not its value: see
+        ``inward_tanh``. A trainer whose best actions lie on the box's faces (bang-bang torques)
+        otherwise finds its saturated outputs stuck there, with a vanishing gradient, even when the
+        loss asks for the opposite face.
+        """
         out = self.raw(obs)
         if self.kind == "bernoulli":
             return straight_through_bernoulli(out[0], temperature)
-        return self._squash(out)
+        return self._squash(out, inward_tanh if inward_gradient else jnp.tanh)
 
     def __call__(self, obs: jax.Array) -> jax.Array:
         """The deterministic hard action: int32 0/1 (bernoulli) or a float vector in the box."""
@@ -90,9 +96,34 @@ class Policy(eqx.Module):
             return (out[0] > 0).astype(jnp.int32)
         return self._squash(out)
 
-    def _squash(self, out: jax.Array) -> jax.Array:
+    def _squash(self, out: jax.Array, tanh: Callable[[jax.Array], jax.Array] = jnp.tanh) -> jax.Array:
         low, high = jnp.asarray(self.low), jnp.asarray(self.high)
-        return low + (high - low) * (jnp.tanh(out) + 1.0) / 2.0
+        return low + (high - low) * (tanh(out) + 1.0) / 2.0
+
+
+@jax.custom_vjp
+def inward_tanh(x: jax.Array) -> jax.Array:
+    """``tanh(x)`` whose gradient does not vanish on the way back from saturation.
+
+    Forward: exactly ``tanh``. Backward: the cotangent ``g`` passes with slope 1 where a gradient
+    step (``x -= lr * g``) moves ``tanh(x)`` towards 0 (``g * tanh(x) > 0``), and with ``tanh'(x) =
+    1 - tanh(x)^2`` where it pushes further into saturation. A saturated output that the loss wants
+    reversed is reversed at the pace of an unsaturated one; one the loss wants pushed further
+    still saturates as with ``tanh`` (its raw value does not run away).
+    """
+    return jnp.tanh(x)
+
+
+def _inward_tanh_fwd(x):
+    t = jnp.tanh(x)
+    return t, t
+
+
+def _inward_tanh_bwd(t, g):
+    return (jnp.where(g * t > 0, 1.0, 1.0 - t**2) * g,)
+
+
+inward_tanh.defvjp(_inward_tanh_fwd, _inward_tanh_bwd)
 
 
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "elu": jax.nn.elu, "softplus": jax.nn.softplus}

@@ -20,7 +20,7 @@ import diffgym
 from agents import bptt
 from agents.bptt import BPTTConfig, default_config, train
 from agents.common import evaluate
-from agents.policy import Policy
+from agents.policy import Policy, inward_tanh
 from diffgym.envs.pendulum import PendulumState
 
 
@@ -32,8 +32,10 @@ def _eval(env_id: str, policy: Policy, episodes: int, seed: int = 123) -> np.nda
 # Learning
 # --------------------------------------------------------------------------------------------
 def test_cartpole_learns_to_balance_with_hard_actions():
-    """A few hundred updates of 10-step windows balance the pole >= 200 steps on fresh episodes."""
-    config = dataclasses.replace(default_config("cartpole"), total_env_steps=2_000, stop_at_return=None)
+    """50 updates of 20-step windows balance the pole >= 200 steps on fresh episodes."""
+    config = dataclasses.replace(
+        default_config("cartpole"), total_env_steps=1_000, eval_every=200, stop_at_return=None
+    )
     progress, rendered = [], []
     result = train("cartpole", config, seed=0, progress_fn=progress.append, render_fn=rendered.append)
 
@@ -44,8 +46,8 @@ def test_cartpole_learns_to_balance_with_hard_actions():
     returns = _eval("CartPole-v1", policy, episodes=20)
     assert returns.mean() >= 200, f"mean return {returns.mean():.1f} after {result.env_steps} steps"
 
-    assert result.env_steps == 2_000  # 200 updates x 1 env x 10 steps, no early stop
-    assert [p["env_steps"] for p in progress] == [500, 1000, 1500, 2000]
+    assert result.env_steps == 1_000  # 50 updates x 1 env x 20 steps, no early stop
+    assert [p["env_steps"] for p in progress] == [200, 400, 600, 800, 1000]
     for point in progress:
         assert {"env_steps", "wall_seconds", "loss", "eval_return"} <= set(point)
         assert math.isfinite(point["loss"])
@@ -54,14 +56,14 @@ def test_cartpole_learns_to_balance_with_hard_actions():
     assert 0 < result.compile_seconds < result.wall_seconds
 
 
-def test_pendulum_return_improves_within_2500_updates():
-    """2 500 updates of 2 x 4-step windows (the default config) swing the pendulum up: the return on
+def test_pendulum_return_improves_within_4000_updates():
+    """4 000 updates of 2-step windows (the default config) swing the pendulum up: the return on
     100 fresh random starts gains >= 700 over the initial policy's (about -1 250). Also checks the
-    step accounting of an uneven budget: 20 003 steps allow 2 500 updates of 8 steps."""
-    config = dataclasses.replace(default_config("pendulum"), total_env_steps=20_003)
+    step accounting of an uneven budget: 8 001 steps allow 4 000 updates of 2 steps."""
+    config = dataclasses.replace(default_config("pendulum"), total_env_steps=8_001)
     result = train("pendulum", config, seed=0)
-    assert result.env_steps == 20_000 and result.extra["updates"] == 2_500
-    assert [p["env_steps"] for p in result.curve] == list(range(2_000, 20_001, 2_000))
+    assert result.env_steps == 8_000 and result.extra["updates"] == 4_000
+    assert [p["env_steps"] for p in result.curve] == list(range(1_000, 8_001, 1_000))
 
     initial_setup = bptt._setup("Pendulum-v1", config, seed=0)
     initial_weights = eqx.combine(initial_setup.carry[0], initial_setup.static)
@@ -74,6 +76,49 @@ def test_pendulum_return_improves_within_2500_updates():
     torques = jax.vmap(result.policy)(states)
     assert torques.shape == (256, 1)
     assert bool(jnp.all(jnp.abs(torques) <= 2.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Training-time gradients: the inward squash and the straight-through speed clip
+# --------------------------------------------------------------------------------------------
+def test_inward_tanh_is_tanh_forward_with_an_undamped_way_back():
+    x = jnp.array([-6.0, -0.5, 0.0, 0.7, 6.0])
+    np.testing.assert_array_equal(np.asarray(inward_tanh(x)), np.asarray(jnp.tanh(x)))
+    slope = 1.0 - np.tanh(np.asarray(x)) ** 2
+    for sign in (1.0, -1.0):
+        # The loss's gradient w.r.t. the output is `sign` everywhere: a step moves x by -sign.
+        grads = np.asarray(jax.grad(lambda x: jnp.sum(sign * inward_tanh(x)))(x))
+        towards_zero = sign * np.tanh(np.asarray(x)) > 0
+        np.testing.assert_allclose(grads, sign * np.where(towards_zero, 1.0, slope), rtol=1e-6, atol=1e-6)
+    # Saturated at +1 (x = 6), a loss that wants it lower gets slope 1, one that wants it higher ~0.
+    assert float(jax.grad(lambda x: inward_tanh(x))(6.0)) == 1.0
+    assert abs(float(jax.grad(lambda x: -inward_tanh(x))(6.0))) < 1e-4
+
+
+def test_pendulum_speed_clip_is_straight_through_in_training_only():
+    """Where the new speed clips at 8 rad/s, training's next state is the env's exactly, and its
+    gradient w.r.t. the torque is the unclipped step's (3 dt / (m l^2) on the speed) instead of 0."""
+    env, params = diffgym.make("Pendulum-v1")
+    state = PendulumState(theta=jnp.float32(0.3), theta_dot=jnp.float32(7.9), last_u=jnp.float32(0.0), time=jnp.int32(0))
+    config = default_config("pendulum")
+
+    def speed(u, config):
+        return bptt._transition("Pendulum-v1", env, params, config, state, u)[0].theta_dot
+
+    exact = env.step_env(None, state, jnp.float32(1.5), params)[1]
+    trained = bptt._transition("Pendulum-v1", env, params, config, state, jnp.float32(1.5))[0]
+    assert float(exact.theta_dot) == 8.0
+    for field in ("theta", "theta_dot", "last_u", "time"):
+        assert float(getattr(trained, field)) == float(getattr(exact, field)), field
+    expected = 3.0 * params.dt / (params.m * params.l**2)
+    assert float(jax.grad(speed)(jnp.float32(1.5), config)) == pytest.approx(expected, rel=1e-6)
+    plain = dataclasses.replace(config, straight_through_speed_clip=False)
+    assert float(jax.grad(speed)(jnp.float32(1.5), plain)) == 0.0  # the env's own gradient
+    # Below the clip both are the env's gradient.
+    slow = dataclasses.replace(state, theta_dot=jnp.float32(1.0))
+    for cfg in (config, plain):
+        grad = jax.grad(lambda u: bptt._transition("Pendulum-v1", env, params, cfg, slow, u)[0].theta_dot)
+        assert float(grad(jnp.float32(1.5))) == pytest.approx(expected, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +203,7 @@ def test_nan_guard_keeps_the_weights_from_before_the_bad_update():
 def test_nan_guard_stops_train_with_a_clear_message():
     params = dataclasses.replace(diffgym.make("CartPole-v1")[1], tau=float("nan"))
     config = dataclasses.replace(default_config("CartPole-v1"), total_env_steps=500)
-    expected = r"update 0 \(env steps 0\.\.10\).*simulated state.*non-finite"
+    expected = r"update 0 \(env steps 0\.\.20\).*simulated state.*non-finite"
     with pytest.raises(FloatingPointError, match=expected):
         train("CartPole-v1", config, env_params=params)
 
