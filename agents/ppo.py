@@ -211,12 +211,13 @@ def default_config(env_id: str) -> PPOConfig:
       the spirit of RL-Zoo's ``normalize: true`` for continuous envs. Budget 98,304 shots (384
       updates), stop at a mean miss of 1 m (``SOLVED_RETURN``); evaluation every 16 updates
       (4096 shots) on 1000 shots.
-    * Evaluation (CartPole, Pendulum): every ``eval_every_updates`` updates (2048 steps CartPole,
-      8192 Pendulum), 64 / 256 episodes of the deterministic policy on the functional env.
+    * Evaluation (CartPole, Pendulum): after every update (256 steps CartPole, 4096 Pendulum),
+      64 / 256 episodes of the deterministic policy on the functional env: the learning curve is
+      as fine as the updates, so steps-to-threshold are not rounded up to a coarse grid.
     """
     env_id = diffgym.resolve_env_id(env_id)
     if env_id == "CartPole-v1":
-        return PPOConfig()
+        return PPOConfig(eval_every_updates=1)
     if env_id == "Pendulum-v1":
         return PPOConfig(
             total_env_steps=300_000,
@@ -234,7 +235,7 @@ def default_config(env_id: str) -> PPOConfig:
             ent_coef=0.0,
             max_grad_norm=0.5,
             init_log_std=math.log(0.5),
-            eval_every_updates=2,
+            eval_every_updates=1,
             eval_episodes=256,
             target_return=SOLVED_RETURN["Pendulum-v1"],
         )
