@@ -80,6 +80,23 @@ def test_training_learns_on_a_small_budget(tmp_path):
     assert 0.0 <= action[0] <= 90.0 and 20.0 <= action[1] <= 220.0
 
 
+def test_training_returns_the_best_evaluated_network():
+    """A step size large enough for the mean miss to get worse again late (checked): the returned
+    network is the best evaluation's, and it reproduces that evaluation's mean miss."""
+    config = dataclasses.replace(
+        aiming.AimingConfig(), total_env_steps=640, batch_size=32, eval_every=64, eval_shots=256,
+        learning_rate=0.05,
+    )  # fmt: skip
+    result = aiming.train_aiming(config, seed=0)
+    returns = [row["eval_return"] for row in result.curve]
+    best = int(np.argmax(returns))
+    assert best < len(returns) - 1 and returns[best] > returns[-1] + 0.5, returns  # the premise
+    assert result.extra["returned_eval_return"] == returns[best]
+    eval_obs = aiming._sample_tasks(jax.random.split(jax.random.key(0), 3)[1], 256, TrebuchetParams())
+    errors = np.asarray(eqx.filter_jit(aiming.aiming_errors)(result.policy, eval_obs))
+    assert -np.mean(np.abs(errors)) == pytest.approx(returns[best], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_default_training_meets_the_accuracy_goal():
     """The default budget: median |miss| at most 0.3 % of the target over 1000 random tasks."""
