@@ -23,8 +23,8 @@ subprocess: XLA's default threading, XLA on one thread pinned to one core, and t
 over two host devices (``--xla_force_host_platform_device_count=2``, one thread each). Libraries
 are compared only within one setting; the headline table uses ``--headline`` (default: two host
 devices). A last subprocess times variants of diffgym's ``step`` (what its speed comes from: the
-key split it skips, the reset draw, ``jnp.where`` vs ``lax.select``, PRNG implementations and
-``jax_threefry_partitionable``) beside gymnax, at batch 4096 and 1, in the headline setting.
+key split it skips, the reset draw's threefry layout, the observation computed from the selected
+state, ``jnp.where`` vs ``lax.select``, PRNG implementations and ``jax_threefry_partitionable``) beside gymnax, at batch 4096 and 1, in the headline setting.
 
 Needs gymnax 1.0.1 (and ``six``), which pins gymnasium below 1.4, so it lives in its own venv:
 ``python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[render,test,bench]'``.
@@ -377,6 +377,19 @@ def _variant_envs(env_id: str):
 
         deterministic_transition = False
 
+    class WithSelectedObservation(base):
+        """Selects between the reset's and the transition's observations, as gymnax does, instead
+        of observing the selected state."""
+
+        observation_is_state_function = False
+
+    class WithPartitionableDraw(base):
+        """The reset draw with jax's default (partitionable) threefry layout: twice the hashes."""
+
+        def reset_env(self, key, params):
+            with jax.threefry_partitionable(True):
+                return super().reset_env(key, params)
+
     class WithLaxSelect(base):
         """Auto-reset with ``lax.select`` on every leaf, as gymnax writes it."""
 
@@ -387,7 +400,7 @@ def _variant_envs(env_id: str):
             done = jnp.logical_or(terminated, truncated)
             obs_re, state_re = self.reset_env(key, params)
             state = jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st)
-            obs = jax.lax.select(done, obs_re, obs_st)
+            obs = self.get_obs(state, params)  # as shipped (observation_is_state_function)
             info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs_st}
             return obs, state, reward, terminated, truncated, info
 
@@ -402,6 +415,8 @@ def _variant_envs(env_id: str):
     return {
         "diffgym step (shipped)": shipped,
         "diffgym step, key split as gymnax": WithKeySplit(),
+        "diffgym step, observations selected as gymnax": WithSelectedObservation(),
+        "diffgym step, reset draw in jax's partitionable layout": WithPartitionableDraw(),
         "diffgym step, lax.select": WithLaxSelect(),
         **{name: base() for name in RESET_DRAWS},
         "diffgym step without auto-reset (floor)": NoAutoReset(),

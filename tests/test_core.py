@@ -151,6 +151,29 @@ def test_gymnax_style_scan_rollout_with_auto_reset(env_id):
         assert np.all(np.abs(np.asarray(actions)) <= params.max_torque)
 
 
+@pytest.mark.parametrize("env_id", [*ENV_IDS, "Trebuchet-v0"])
+def test_auto_reset_observation_is_the_reset_draws(env_id):
+    """``observation_is_state_function`` lets ``step`` compute its observation from the selected
+    state: its premise (``reset_env`` and ``step_env`` observe ``get_obs(state)``) and its result
+    (where an episode ends, the observation ``reset_env`` gives for the step's key) are checked."""
+    env, params = diffgym.make(env_id)
+    assert env.observation_is_state_function
+    keys = jax.random.split(jax.random.key(3), 16)
+    obs, states = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    np.testing.assert_array_equal(obs, jax.vmap(env.get_obs)(states))
+    actions = jax.vmap(env.action_space(params).sample)(keys)
+    next_obs, next_states = jax.vmap(env.step_env, in_axes=(0, 0, 0, None))(keys, states, actions, params)[:2]
+    np.testing.assert_array_equal(next_obs, jax.vmap(env.get_obs)(next_states))
+    # Every episode ends at once (a one-step time limit): step's observation is the reset's.
+    short = dataclasses.replace(params, max_steps_in_episode=1)
+    step_keys = jax.random.split(jax.random.key(4), 16)
+    stepped = jax.vmap(env.step, in_axes=(0, 0, 0, None))(step_keys, states, actions, short)
+    assert np.all(np.asarray(stepped[3] | stepped[4]))
+    reset_obs = jax.vmap(env.reset_env, in_axes=(0, None))(step_keys, short)[0]
+    np.testing.assert_array_equal(stepped[0], reset_obs)
+    np.testing.assert_array_equal(stepped[5]["final_observation"], next_obs)
+
+
 @pytest.mark.parametrize("env_id", ENV_IDS)
 def test_x64_rollout_keeps_float64_through_auto_reset(env_id):
     """With x64 on, reset and step both give float64 states, so a scan carry survives auto-resets."""

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState, pytree_dataclass
+from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState, pytree_dataclass, uniform
 
 
 @pytree_dataclass
@@ -80,6 +80,7 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
     """
 
     deterministic_transition = True
+    observation_is_state_function = True
     render_fps = 50
 
     @property
@@ -125,7 +126,7 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
         return self.get_obs(next_state), next_state, reward, terminated, info
 
     def reset_env(self, key: jax.Array, params: CartPoleParams) -> tuple[jax.Array, CartPoleState]:
-        x, x_dot, theta, theta_dot = jax.random.uniform(key, (4,), minval=-0.05, maxval=0.05)
+        x, x_dot, theta, theta_dot = uniform(key, (4,), minval=-0.05, maxval=0.05)
         state = CartPoleState(x=x, x_dot=x_dot, theta=theta, theta_dot=theta_dot, time=jnp.zeros((), jnp.int32))
         return self.get_obs(state), state
 

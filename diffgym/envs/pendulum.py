@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffgym.core import Box, Environment, EnvParams, EnvState, pytree_dataclass
+from diffgym.core import Box, Environment, EnvParams, EnvState, pytree_dataclass, uniform
 
 
 @pytree_dataclass
@@ -62,6 +62,7 @@ class Pendulum(Environment[PendulumState, PendulumParams]):
     """
 
     deterministic_transition = True
+    observation_is_state_function = True
     render_fps = 30
 
     @property
@@ -94,7 +95,7 @@ class Pendulum(Environment[PendulumState, PendulumParams]):
 
     def reset_env(self, key: jax.Array, params: PendulumParams) -> tuple[jax.Array, PendulumState]:
         high = jnp.array([jnp.pi, 1.0])
-        theta, theta_dot = jax.random.uniform(key, (2,), minval=-high, maxval=high)
+        theta, theta_dot = uniform(key, (2,), minval=-high, maxval=high)
         state = PendulumState(
             theta=theta, theta_dot=theta_dot, last_u=jnp.zeros_like(theta), time=jnp.zeros((), jnp.int32)
         )

@@ -675,6 +675,7 @@ class Trebuchet(Environment[TrebuchetState, TrebuchetParams]):
     """
 
     deterministic_transition = True
+    observation_is_state_function = True
     render_fps = 60  # one frame per Euler step of the simulator: real time
 
     @property
