@@ -347,9 +347,9 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "default stop target (PPO and SB3: the threshold; BPTT: its default_config's stop_at_return, "
         "500 on CartPole when this was written) or at the end of its budget.",
         "- The final return is every final policy on the same gymnasium episodes (seeds 10000 + seed ...).",
-        "- All seeds of one algorithm run in one process: PPO's later seeds reuse the first seed's "
-        "compiled update chunk (same env and config), so their compile column is near 0 and their "
-        "wall seconds are training only; BPTT compiles again for every seed.",
+        "- All seeds of one algorithm run in one process: BPTT's and PPO's later seeds reuse the first "
+        "seed's compiled training function (same env and config), so their compile column is near 0 "
+        "and their wall seconds are training only; seed 0's row is what a fresh process pays.",
         *_ENV_NOTES.get(env_id, []),
         "",
         f"Machine: {meta['machine']}. Total time of this comparison: {meta['total_seconds']:.0f} s.",
