@@ -45,15 +45,34 @@ NOTES = """\
 **Method.** Online truncated BPTT (`agents/bptt.py`): `num_envs` rollouts run on; every `window`
 steps the surrogate cost of those steps is backpropagated through the policy and the physics,
 Adam updates the weights (global-norm clipping at 1) and the rollouts carry on from where they
-were. One update costs `num_envs * window` env steps, all counted. CartPole: 1 rollout, 10-step
-windows, straight-through hard actions, surrogate `(theta / 12°)^2 + 0.1 (x / 2.4 m)^2`, reset at
-termination, stop at the first curve evaluation (20 functional episodes) of 500. Pendulum: 2
-rollouts, 4-step windows, the env's cost scored on the next state plus 1000 x the squared energy
-gap to upright-at-rest, learning rate 1e-2 decaying linearly to 1e-3, the policy of the best curve
-evaluation returned.
+were. One update costs `num_envs * window` env steps, all counted. CartPole: 1 rollout, 20-step
+windows, Adam 3e-2, straight-through hard actions, surrogate `(theta / 12°)^2 + 0.1 (x / 2.4 m)^2`,
+reset at termination, a curve evaluation (20 functional episodes) every 100 steps, stop at the
+first of 500. Pendulum: 1 rollout, 2-step windows, the env's cost scored on the next state plus
+1000 x the squared energy gap to upright-at-rest, learning rate 1e-2 decaying linearly to 1e-3
+over 20 000 steps, a curve evaluation every 1 000 steps, the policy of the best one returned. Two
+training-time gradient fixes (forward passes unchanged): the torque's tanh squash passes its
+gradient at full slope where the update brings a saturated torque back inside the box
+(`agents.policy.inward_tanh`), and the speed clip at ±8 rad/s is straight-through.
 
-**Where the time goes.** Training itself is tiny: CartPole 0.02-0.09 s for its 1 000-2 000 steps,
-Pendulum about 2 s for 20 000 steps (2 500 updates). The wall time is compilation and setup:
+**What changed the Pendulum (2026-11-22, seeds 0-9, steps to -200 on the curve).** A one-step
+look-ahead that picks the torque minimising the surrogate of the next state (a grid search, not
+a trainer) scores -140 over 100 episodes: the surrogate is right, the learning was slow. Two
+traps made it so. With `tanh`'s own gradient, a policy that learnt to pump at full torque could
+not learn to brake (the gradient through a saturated tanh vanishes): it spun for ever at about
+-1 600. Through the env's speed clip the gradient is 0, so a pendulum spinning at the limit got
+no signal to brake either. With both fixed, 2 x 4-step windows (the old default) still needed
+16 000-19 000 steps (3 of 5 seeds), but 2-step windows on one rollout reached -200 after 4 000 to
+13 000 steps on all 10 seeds (mean 7 800; 4 000 steps on one seed, 5 000 on three). Without the
+fixes the same windows reached it on 4 of 5 seeds after 4 000-13 000 steps. Tried and not
+better: 1-step windows (9 of 10 seeds) or 3-step ones (mean 8 600), learning rates 5e-3 and 2e-2, energy
+weight 300, width 64, a 10 000-step budget (9 of 10 seeds), an odd (mirror-symmetric) policy,
+short training episodes (50-100 steps), wide training starts (±8 rad/s). Replaying stored
+windows through the simulator's Jacobians (extra updates from steps already simulated, no new
+ones) fell into the same spinning and sideways-stall optima and was dropped.
+
+**Where the time goes.** Training itself is tiny: CartPole well under 0.1 s for its few hundred
+steps, Pendulum about 1-2 s for 20 000 steps (10 000 updates). The wall time is compilation and setup:
 measured with `time.process_time` in one fresh process, about 2.1 s of CPU to compile the
 training chunk (with `xla_backend_optimization_level=0`: ~25% less than the default level, for
 ~2x slower steps that do not matter at this size), 1.3 s for the first call of
@@ -62,7 +81,7 @@ kept the load average at 6-12 on the 2 cores, so the wall times are 1.5-2.5x the
 `cpu` column (3.7-4.0 s for CartPole, all included) is the better guide to an idle machine.
 Pinning XLA to one thread made no measurable difference here (the kernels are tiny; one rollout).
 
-**Pendulum in 4 000 steps: not reached.** Tried at 4 000 steps, seeds 0-1: the env's own cost
+**Pendulum in 4 000 steps, before the gradient fixes (earlier sessions).** Tried at 4 000 steps, seeds 0-1: the env's own cost
 alone, windows of 10-50 steps, 1-4 rollouts, Adam 3e-3 to 3e-2 (best -690; most runs -1 000 to
 -1 300: a few-step window learns to push straight up and stalls sideways, a local optimum);
 whole-episode BPTT (200-step windows, 16 rollouts, even 320 000 steps) only -950. Adding the
@@ -71,8 +90,8 @@ steps, 1-32 rollouts, wider training starts (theta_dot in ±4 rad/s), short trai
 (32-64 steps) and learning-rate decay: one run at -226, the rest -600 to -1 500. (The first of
 these sweeps scored the env's cost on the state *before* each step, as the env's reward does;
 a 1-step window then sees no effect of its action. Scoring the next state is what made the
-20 000-step configuration work.) The default configuration needs 14 000-16 000 steps for -200
-(4 of 5 seeds; seed 3 stalls at -343).
+20 000-step configuration work.) That configuration (2 rollouts, 4-step windows) needed
+14 000-16 000 steps for -200 (4 of 5 seeds; seed 3 stalled at -343).
 
 **A learned critic (SHAC-style, `critic_width > 0`; off by default).** A value network learns the
 discounted surrogate cost-to-go by TD(lambda) on the windows already simulated (free critic
