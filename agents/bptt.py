@@ -193,7 +193,7 @@ def default_config(env_id: str) -> BPTTConfig:
             stop_at_return=500.0,
         )
     # Tuned on seeds 0-9 at 20 000 steps: -200 on the curve after 4 000-13 000 steps (mean 7 800).
-    # A 4 000-step budget is not enough (bench/results/bptt.md).
+    # Within a 4 000-step budget on 1 seed of 5 only (bench/results/bptt.md).
     return BPTTConfig(
         total_env_steps=20_000,
         num_envs=1,

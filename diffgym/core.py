@@ -46,8 +46,10 @@ def uniform(key: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0) -> j
     Same generator (Threefry-2x32, 20 rounds), same float conversion; the layout reads both 32-bit
     words of each hash block where the partitionable default (JAX >= 0.5) xors them into one, so a
     reset draw costs half the blocks. The envs' reset draws are small per-env vectors (under
-    ``vmap``, one per env), which the default layout exists to shard and these never need; at
-    batch 4096 this made CartPole's auto-resetting ``step`` 1.25x faster (bench/results/throughput.md).
+    ``vmap``, one per env), which the default layout exists to shard and these never need.
+    Measured at batch 4096 on 2 CPU cores: CartPole's auto-resetting ``step`` 1.26x faster with
+    XLA's default threading (10.4 -> 13.0 M steps/s); with the batch split over two host devices
+    the difference is inside the noise (bench/results/throughput.md, variant study).
     """
     with jax.threefry_partitionable(False):
         return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
@@ -126,7 +128,7 @@ class Environment(Generic[TState, TParams]):
     #: Whether the observation is ``get_obs(state, params)`` everywhere (``reset_env`` and
     #: ``step_env`` return exactly that; no observation noise). ``step`` then computes the
     #: observation from the state it selected (reset or not) rather than selecting between the
-    #: reset's and the transition's observations; XLA fuses that better: 1.3-1.6x more steps/s at
+    #: reset's and the transition's observations; XLA fuses that better: 1.2-1.6x more steps/s at
     #: batch 4096 on 2 CPU cores (bench/results/throughput.md). Envs with noisy or keyed
     #: observations leave it False.
     observation_is_state_function: bool = False
