@@ -175,6 +175,10 @@ class BPTTConfig:
     made on the curve's episodes, so judge the result on other episodes (``bench/bench_bptt.py``
     and the CLI evaluate on the gymnasium env with other seeds)."""
 
+    def __post_init__(self):
+        # A list (e.g. from JSON) would make the config unhashable as a compile-cache key.
+        self.obs_scale = tuple(float(value) for value in self.obs_scale)
+
 
 def default_config(env_id: str) -> BPTTConfig:
     """Tuned defaults for ``"CartPole-v1"`` or ``"Pendulum-v1"`` (short names accepted)."""

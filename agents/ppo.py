@@ -134,6 +134,10 @@ class PPOConfig:
     """Stop as soon as the evaluation mean reaches this return; ``None`` spends the whole budget."""
 
     def __post_init__(self):
+        # Lists (e.g. from JSON) would make the config unhashable as a compile-cache key.
+        for name in ("obs_mean", "obs_std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         batch = self.num_envs * self.num_steps
         for name in ("total_env_steps", "num_envs", "num_steps", "num_epochs", "num_minibatches",
                      "eval_every_updates", "eval_episodes"):

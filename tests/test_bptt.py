@@ -238,6 +238,13 @@ def test_default_configs_and_bad_inputs():
         train("CartPole-v1", dataclasses.replace(default_config("CartPole-v1"), obs_scale=(1.0,)))
 
 
+def test_config_from_json_lists_is_a_cache_key():
+    """A list (as JSON gives) is stored as a tuple: the config keys the compiled-chunk cache."""
+    config = dataclasses.replace(default_config("Pendulum-v1"), obs_scale=[1, 1, 4])
+    assert config.obs_scale == (1.0, 1.0, 4.0)
+    hash(dataclasses.astuple(config))
+
+
 # --------------------------------------------------------------------------------------------
 # The issue's goals (slow)
 # --------------------------------------------------------------------------------------------

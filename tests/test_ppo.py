@@ -115,6 +115,13 @@ def test_config_errors_quote_the_values():
         ppo.default_config("cartpol")
 
 
+def test_config_from_json_lists_is_a_cache_key():
+    """Lists (as JSON gives) are stored as tuples: the config keys the compiled-chunk cache."""
+    config = ppo.PPOConfig(obs_mean=[0, 0], obs_std=[1, 2])
+    assert (config.obs_mean, config.obs_std) == ((0.0, 0.0), (1.0, 2.0))
+    hash(dataclasses.astuple(config))
+
+
 def test_cartpole_learns_on_a_small_budget():
     """Fast tier: from a poor initial policy (seed 2 balances ~10 steps) to 475 within 40k steps."""
     config = dataclasses.replace(ppo.default_config("CartPole-v1"), total_env_steps=40_960)
