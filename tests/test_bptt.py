@@ -56,21 +56,22 @@ def test_cartpole_learns_to_balance_with_hard_actions():
     assert 0 < result.compile_seconds < result.wall_seconds
 
 
-def test_pendulum_return_improves_within_4000_updates():
-    """4 000 updates of 2-step windows (the default config) swing the pendulum up: the return on
-    100 fresh random starts gains >= 700 over the initial policy's (about -1 250). Also checks the
-    step accounting of an uneven budget: 8 001 steps allow 4 000 updates of 2 steps."""
-    config = dataclasses.replace(default_config("pendulum"), total_env_steps=8_001)
+def test_pendulum_swings_up_within_1000_env_steps():
+    """The default config (one-step windows, replayed) cut to 1 000 simulated steps: the return on
+    100 fresh random starts reaches -250 (the issue's goal is -200 in 4 000 steps) and gains
+    >= 700 over the initial policy's (about -1 250). Measured on seeds 0-9: -139 to -228 after
+    750 steps. Also checks the step accounting: replay adds updates, not env steps."""
+    config = dataclasses.replace(default_config("pendulum"), total_env_steps=1_000)
     result = train("pendulum", config, seed=0)
-    assert result.env_steps == 8_000 and result.extra["updates"] == 4_000
-    assert [p["env_steps"] for p in result.curve] == list(range(1_000, 8_001, 1_000))
+    assert result.env_steps == 1_000 and result.extra["updates"] == 1_000
+    assert [p["env_steps"] for p in result.curve] == [250, 500, 750, 1_000]
 
     initial_setup = bptt._setup("Pendulum-v1", config, seed=0)
     initial_weights = eqx.combine(initial_setup.carry[0], initial_setup.static)
     initial = bptt._fold_obs_scale(initial_weights, initial_setup.obs_scale)
     before = _eval("Pendulum-v1", initial, episodes=100).mean()
     after = _eval("Pendulum-v1", result.policy, episodes=100).mean()
-    assert after >= before + 700, f"return {before:.0f} -> {after:.0f}"
+    assert after >= before + 700 and after >= -250, f"return {before:.0f} -> {after:.0f}"
 
     states = jax.random.normal(jax.random.key(0), (256, 3)) * jnp.array([1.0, 1.0, 8.0])
     torques = jax.vmap(result.policy)(states)
@@ -223,6 +224,84 @@ def test_cartpole_rollout_resets_at_termination():
 
 
 # --------------------------------------------------------------------------------------------
+# Replay: stored steps re-acted through their action Jacobians
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_linearised_replay_of_a_stored_step_is_the_simulated_step(env_id):
+    """A stored step moved to another action by its Jacobian lands where the simulator lands with
+    that action (both steps are affine in the action inside their clips), and its gradient with
+    respect to the new action is the simulated step's."""
+    env, params = diffgym.make(env_id)
+    config = default_config(env_id)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _, state = env.reset(jax.random.key(int(rng.integers(1 << 30))), params)
+        if env_id == "Pendulum-v1":
+            state = dataclasses.replace(state, theta_dot=jnp.float32(rng.uniform(-6, 6)))
+            stored, new = (jnp.float32(v) for v in rng.uniform(-2, 2, 2))
+        else:
+            stored, new = jnp.float32(rng.integers(2)), jnp.float32(rng.uniform(0, 1))
+        (next_state, _, _), jacobian = bptt._transition_with_jacobian(env_id, env, params, config, state, stored)
+
+        def replayed(action):
+            return bptt._linearised_next_state(next_state, jacobian, action - stored)
+
+        def simulated(action):
+            return bptt._transition(env_id, env, params, config, state, action)[0]
+
+        for got, want in zip(jax.tree.leaves(replayed(new)), jax.tree.leaves(simulated(new))):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        first = lambda f: jax.grad(lambda a: jax.tree.leaves(f(a))[1])(new)  # noqa: E731
+        np.testing.assert_allclose(float(first(replayed)), float(first(simulated)), rtol=1e-5)
+
+
+def test_replay_counts_simulated_steps_only_and_stores_each_once():
+    """With replay, a chunk of 30 updates simulates 30 windows (2 rollouts x 3 steps): the clocks,
+    the store's count and its rows say 180 steps, whatever the replay updates did; the weights
+    moved; the stored next states are the simulator's for the stored actions."""
+    config = BPTTConfig(
+        total_env_steps=600, num_envs=2, window=3, episode_length=1_000, eval_every=180,
+        energy_weight=30.0, replay_updates=3, replay_batch=16,
+    )  # fmt: skip
+    setup = bptt._setup("Pendulum-v1", config, seed=0)
+    (stored, count) = setup.carry[9]
+    assert int(count) == 0 and stored[0].shape == (600, 3)  # room for the whole budget
+    uniforms = jnp.zeros((30, 2, 3, 2))
+    replay_uniforms = jnp.asarray(np.random.default_rng(0).random((30, 3, 16), np.float32))
+    carry, (losses, grad_norms) = setup.run_chunk(setup.carry, uniforms, jnp.int32(30), replay_uniforms)
+    assert int(carry[4]) == 0 and np.all(np.isfinite(np.asarray(losses)))
+    assert int(jnp.sum(carry[2].time)) == 180 and int(carry[9][1]) == 180
+    obs, actions, next_states, _ = carry[9][0]
+    assert np.all(np.asarray(next_states.time[:180]) > 0) and np.all(np.asarray(next_states.time[180:]) == 0)
+    pairs = zip(jax.tree.leaves(carry[0]), jax.tree.leaves(setup.carry[0]))
+    assert any(not np.array_equal(new, old) for new, old in pairs)
+
+    env, params = diffgym.make("Pendulum-v1")
+    theta = jnp.arctan2(obs[:180, 1], obs[:180, 0])
+    states = PendulumState(theta=theta, theta_dot=obs[:180, 2], last_u=jnp.zeros(180), time=jnp.zeros(180, jnp.int32))
+    simulated = jax.vmap(lambda s, a: env.step_env(None, s, a, params)[1])(states, actions[:180])
+    np.testing.assert_allclose(np.asarray(simulated.theta_dot), np.asarray(next_states.theta_dot[:180]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jnp.sin(simulated.theta)), np.asarray(jnp.sin(next_states.theta[:180])), atol=1e-5
+    )
+
+
+def test_replay_nan_guard_drops_the_bad_update():
+    config = BPTTConfig(total_env_steps=100, num_envs=1, window=1, episode_length=200, eval_every=10, replay_updates=2)
+    setup = bptt._setup("Pendulum-v1", config, 0)
+    replay_uniforms = jnp.full((10, 2, 64), 0.5)
+    healthy, _ = setup.run_chunk(setup.carry, jnp.zeros((10, 1, 1, 2)), jnp.int32(3), replay_uniforms)
+    assert int(healthy[4]) == 0 and int(healthy[9][1]) == 3
+    bad_states = dataclasses.replace(healthy[2], theta_dot=jnp.full((1,), jnp.nan))
+    carry, _ = setup.run_chunk(
+        (*healthy[:2], bad_states, *healthy[3:]), jnp.zeros((10, 1, 1, 2)), jnp.int32(10), replay_uniforms
+    )
+    assert int(carry[4]) != 0 and int(carry[5]) == 3 and int(carry[9][1]) == 3  # nothing stored
+    for new, old in zip(jax.tree.leaves(carry[0]), jax.tree.leaves(healthy[0])):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+# --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
 def test_default_configs_and_bad_inputs():
@@ -236,6 +315,12 @@ def test_default_configs_and_bad_inputs():
         train("CartPole-v1", dataclasses.replace(default_config("CartPole-v1"), num_envs=0))
     with pytest.raises(ValueError, match="obs_scale needs 4 entries"):
         train("CartPole-v1", dataclasses.replace(default_config("CartPole-v1"), obs_scale=(1.0,)))
+    with pytest.raises(ValueError, match="replay_updates must be a non-negative integer, got -1"):
+        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), replay_updates=-1))
+    with pytest.raises(ValueError, match="replay_batch must be a positive integer, got 0"):
+        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), replay_batch=0))
+    with pytest.raises(ValueError, match="a critic .* and replay .* do not combine"):
+        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), critic_width=8, discount=0.9))
 
 
 def test_config_from_json_lists_is_a_cache_key():
@@ -259,10 +344,10 @@ def test_cartpole_goal_500_within_5000_steps(seed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pendulum_swing_up_default_config(seed):
-    """-200 on 100 fresh random starts with the default budget (20 000 steps: the issue's 4 000 is
-    reached on 1 seed of 5, see bench/results/bptt.md)."""
+def test_pendulum_goal_minus_200_within_4000_steps(seed):
+    """-200 on 100 fresh random starts with the default config's 4 000-step budget (the goal)."""
     result = train("Pendulum-v1", default_config("Pendulum-v1"), seed=seed)
+    assert result.env_steps <= 4_000
     returns = _eval("Pendulum-v1", result.policy, episodes=100, seed=1000 + seed)
     assert returns.mean() >= -200, f"seed {seed}: {returns.mean():.1f}"
 
