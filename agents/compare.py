@@ -253,9 +253,11 @@ _ENV_NOTES: dict[str, list[str]] = {
         "- Trebuchet: an episode is one shot and its return is minus the miss |distance - target| "
         "in m, so the evaluation return is minus the mean miss. One env step is one simulated shot "
         "for every algorithm: BPTT (agents.trebuchet.train_aiming, the aiming network trained by "
-        "gradients through the simulator, 32 shots per update) counts each shot of each batch; "
-        "its learning curve is measured on 1000 fixed random tasks every 16,000 shots and it "
-        "spends its whole budget (no early stop). PPO evaluates on 1000 shots, SAC on 200.",
+        "gradients through the simulator) counts each shot it simulates; the updates it replays "
+        "from recent shots through their linearised distances (AimingConfig.replay_updates) "
+        "simulate none and count none. Its learning curve is measured on 1000 fixed random tasks "
+        "every AimingConfig.eval_every shots and it spends its whole budget (no early stop). PPO "
+        "evaluates on 1000 shots, SAC on 200.",
         "- Threshold -1 m: about 7 % of the targets are out of reach in their wind, so even a "
         "perfect aimer's mean miss is about 0.7 m; see THRESHOLDS in agents/compare.py.",
     ],

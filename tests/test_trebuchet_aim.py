@@ -58,11 +58,12 @@ def test_folded_standardisation_is_exact(key):
 
 
 def test_training_learns_on_a_small_budget(tmp_path):
-    """100 updates of 32 shots: the median aiming error drops at least five-fold (measured: 0.45 -> 0.012
-    of the target, 38x)."""
+    """100 updates of 32 shots, no replay: the median aiming error drops at least five-fold
+    (measured: 0.45 -> 0.012 of the target, 38x)."""
     config = dataclasses.replace(
-        aiming.AimingConfig(), total_env_steps=3200, batch_size=32, eval_every=3200, eval_shots=256
-    )
+        aiming.AimingConfig(), total_env_steps=3200, batch_size=32, eval_every=3200, eval_shots=256,
+        replay_updates=0,
+    )  # fmt: skip
     rows = []
     result = aiming.train_aiming(config, seed=0, progress_fn=rows.append)
     assert rows == result.curve and [row["env_steps"] for row in rows] == [0, 3200]
@@ -85,7 +86,7 @@ def test_training_returns_the_best_evaluated_network():
     network is the best evaluation's, and it reproduces that evaluation's mean miss."""
     config = dataclasses.replace(
         aiming.AimingConfig(), total_env_steps=640, batch_size=32, eval_every=64, eval_shots=256,
-        learning_rate=0.05,
+        learning_rate=0.05, replay_updates=0,
     )  # fmt: skip
     result = aiming.train_aiming(config, seed=0)
     returns = [row["eval_return"] for row in result.curve]
@@ -95,6 +96,16 @@ def test_training_returns_the_best_evaluated_network():
     eval_obs = aiming._sample_tasks(jax.random.split(jax.random.key(0), 3)[1], 256, TrebuchetParams())
     errors = np.asarray(eqx.filter_jit(aiming.aiming_errors)(result.policy, eval_obs))
     assert -np.mean(np.abs(errors)) == pytest.approx(returns[best], rel=1e-4)
+
+
+def test_replay_learns_from_few_shots_and_counts_only_simulated_ones():
+    """The default (replay: 16 Adam steps on 64 recent shots per batch of 16 new ones) cut to 1 600
+    shots: the mean miss over 256 random tasks falls below 3 m (from about 33 m; measured 1.4-1.9 m
+    on seeds 0-2 after 1 000 shots), and only the 1 600 simulated shots count."""
+    config = dataclasses.replace(aiming.AimingConfig(), total_env_steps=1600, eval_every=800, eval_shots=256)
+    result = aiming.train_aiming(config, seed=0)
+    assert result.env_steps == 1600 and [row["env_steps"] for row in result.curve] == [0, 800, 1600]
+    assert result.curve[0]["eval_return"] < -20 and result.extra["returned_eval_return"] > -3.0, result.curve
 
 
 @pytest.mark.slow
