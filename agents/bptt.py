@@ -27,11 +27,12 @@ about five episodes this way.
   gap to upright-at-rest. A window of a few steps cannot see a swing-up pay off through the angle
   cost (the speed cost even discourages swinging): alone, it learns to push straight up and stall
   sideways. The energy gap shrinks at once when the torque pumps, so the pumping is learned in
-  one window (the default trains on one-step windows, replayed). The torque is ``2 tanh(raw)``, inside ±2. Two training-time gradients differ from
-  the plain ones (the forward pass is the env's and the policy's exactly): the squash's gradient
-  does not vanish when the update brings a saturated torque back inside (``inward_tanh``), and the
-  speed clip is straight-through. With the plain gradients a policy that pumps at full torque
-  cannot learn to brake, and a pendulum spinning at the speed limit gets no gradient at all.
+  one window (the default trains on one-step windows, replayed). The torque is ``2 tanh(raw)``,
+  inside ±2. Two training-time gradients differ from the plain ones (the forward pass is the
+  env's and the policy's exactly): the squash's gradient does not vanish when the update brings a
+  saturated torque back inside (``inward_tanh``), and the speed clip is straight-through.
+  With the plain gradients a policy that pumps at full torque cannot learn to brake, and a
+  pendulum spinning at the speed limit gets no gradient at all.
 
 **Replay (``replay_updates > 0``; the Pendulum's default).** Online BPTT uses each simulated step
 for one gradient and throws it away. With replay, every simulated step is stored with the
@@ -392,8 +393,8 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
     ``()`` without a critic, ``replay`` is ``()`` without replay, else ``(stored steps, count)``.
     With replay (``config.replay_updates > 0``), ``replay_uniforms`` has shape ``(updates,
     replay_updates, replay_batch)``: uniforms in [0, 1) that pick the stored steps of each
-    minibatch, and ``losses`` are the mean surrogate cost of each update's simulated window. ``critic`` is ``(critic_static, critic_optimizer)`` when
-    ``config.critic_width > 0``.
+    minibatch, and ``losses`` are the mean surrogate cost of each update's simulated window.
+    ``critic`` is ``(critic_static, critic_optimizer)`` when ``config.critic_width > 0``.
     """
     env, _ = diffgym.make(env_id)
     train_params = dataclasses.replace(params, max_steps_in_episode=config.episode_length)
@@ -515,7 +516,7 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
     def replay_update(carry, start_uniforms, replay_uniforms):
         """Simulate one window with the current policy, store its steps, then take
         ``config.replay_updates`` Adam steps on minibatches of all the steps stored so far."""
-        weights, opt_state, states, update_index, failed_code, failed_update, failed_step = carry[:7]
+        weights, opt_state, states = carry[:3]
         buffer, count = carry[9]
 
         def one_rollout(state, uniforms):
@@ -525,9 +526,10 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
         # (num_envs, window, ...) -> one row per simulated step, appended at `count`.
         records = jax.tree.map(lambda leaf: leaf.reshape((-1, *leaf.shape[2:])), records)
         new_buffer = jax.tree.map(
-            lambda stored, new: jax.lax.dynamic_update_slice_in_dim(stored, new.astype(stored.dtype), count, 0),
-            buffer, records,
-        )  # fmt: skip
+            lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), count, 0),
+            buffer,
+            records,
+        )
         new_count = count + _steps_per_update(config)
 
         def replay_step(inner, uniforms):
@@ -540,42 +542,40 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
         (new_weights, new_opt_state), (replay_losses, grad_norms) = jax.lax.scan(
             replay_step, (weights, opt_state), replay_uniforms
         )
+        new_carry = guarded(
+            carry, finite, replay_losses, grad_norms,
+            (new_weights, new_opt_state, new_states, *carry[7:9], (new_buffer, new_count)),
+        )  # fmt: skip
+        return new_carry, (jnp.mean(costs), grad_norms[-1])
+
+    def guarded(carry, finite, losses, grad_norms, new):
+        """The carry after an update: ``new`` = (weights, opt_state, states, critic_weights,
+        critic_opt_state, replay), or, where the simulated states, a loss or a gradient norm went
+        non-finite, the old ones: the update is dropped whole, and the failure is recorded."""
+        update_index, _, failed_update, failed_step = carry[3:7]
         state_ok = jnp.all(finite)
         code = (
             jnp.where(state_ok, 0, _NONFINITE_STATE)
-            | jnp.where(jnp.all(jnp.isfinite(replay_losses)), 0, _NONFINITE_LOSS)
+            | jnp.where(jnp.all(jnp.isfinite(losses)), 0, _NONFINITE_LOSS)
             | jnp.where(jnp.all(jnp.isfinite(grad_norms)), 0, _NONFINITE_GRAD)
         )
         ok = code == 0
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        carry = (
-            keep(new_weights, weights),
-            keep(new_opt_state, opt_state),
-            keep(new_states, states),
+        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, (*carry[:3], *carry[7:]))
+        return (
+            *kept[:3],
             update_index + 1,
             code,
             jnp.where(ok, failed_update, update_index),
+            # The first simulated step of the window (any rollout) whose state is non-finite.
             jnp.where(ok, failed_step, jnp.where(state_ok, -1, jnp.argmin(jnp.all(finite, axis=0)))),
-            *carry[7:9],
-            (keep(new_buffer, buffer), jnp.where(ok, new_count, count)),
+            *kept[3:],
         )
-        return carry, (jnp.mean(costs), grad_norms[-1])
 
     def update(carry, start_uniforms):
-        weights, opt_state, states, update_index, failed_code, failed_update, failed_step = carry[:7]
+        weights, opt_state, states = carry[:3]
         critic_weights, critic_opt_state = carry[7:9]
         (loss, (new_states, finite, window)), grads = grad_fn(weights, critic_weights, states, start_uniforms)
         grad_norm = optax.tree.norm(grads)
-        state_ok = jnp.all(finite)
-        code = (
-            jnp.where(state_ok, 0, _NONFINITE_STATE)
-            | jnp.where(jnp.isfinite(loss), 0, _NONFINITE_LOSS)
-            | jnp.where(jnp.isfinite(grad_norm), 0, _NONFINITE_GRAD)
-        )
-        ok = code == 0
         updates, new_opt_state = optimizer.update(grads, opt_state, weights)
         new_weights = optax.apply_updates(weights, updates)
         new_critic = (critic_weights, critic_opt_state)
@@ -588,24 +588,9 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
             new_critic = train_critic(
                 critic_weights, critic_opt_state, acted_obs, costs, next_obs, done, terminated
             )
-
-        def keep(new, old):
-            # A non-finite update is dropped whole: weights, optimiser moments and env states.
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        carry = (
-            keep(new_weights, weights),
-            keep(new_opt_state, opt_state),
-            keep(new_states, states),
-            update_index + 1,
-            code,
-            jnp.where(ok, failed_update, update_index),
-            # The first simulated step of the window (any rollout) whose state is non-finite.
-            jnp.where(ok, failed_step, jnp.where(state_ok, -1, jnp.argmin(jnp.all(finite, axis=0)))),
-            *keep(new_critic, (critic_weights, critic_opt_state)),
-            carry[9],
-        )
-        return carry, (loss, grad_norm)
+        new = (new_weights, new_opt_state, new_states, *new_critic, carry[9])
+        new_carry = guarded(carry, finite, loss, grad_norm, new)
+        return new_carry, (loss, grad_norm)
 
     def _after_reset_obs(next_obs, done, start_uniforms):
         """Observations at steps 1..window-1 of the window: the next state, or the fresh start."""
@@ -634,10 +619,9 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
             return ()
         one_state = jax.tree.map(lambda leaf: leaf[0], states)
         step = lambda: env_step(weights, one_state, jnp.zeros(_START_DRAWS[env_id]), record=True)[1][-1]
-        return (
-            jax.tree.map(lambda leaf: jnp.asarray(np.zeros((capacity, *leaf.shape), leaf.dtype)), jax.eval_shape(step)),
-            jnp.int32(0),
-        )
+        shapes = jax.eval_shape(step)
+        zeros = jax.tree.map(lambda leaf: jnp.asarray(np.zeros((capacity, *leaf.shape), leaf.dtype)), shapes)
+        return zeros, jnp.int32(0)
 
     return jax.jit(run_chunk, compiler_options=None if replay else _COMPILER_OPTIONS), empty_replay
 
@@ -767,11 +751,8 @@ def train(
     while updates_done < total_updates:
         num_active = min(updates_per_chunk, total_updates - updates_done)
         start_uniforms = jnp.asarray(rng.random(uniforms_shape, np.float32))
-        replay_uniforms = (
-            jnp.asarray(rng.random((updates_per_chunk, config.replay_updates, config.replay_batch), np.float32))
-            if config.replay_updates
-            else None
-        )
+        replay_shape = (updates_per_chunk, config.replay_updates, config.replay_batch)
+        replay_uniforms = jnp.asarray(rng.random(replay_shape, np.float32)) if config.replay_updates else None
         if compiled is None:
             compile_start = time.perf_counter()
             # Seeds of one config share the compiled chunk: it depends on the env, its parameters
@@ -779,7 +760,8 @@ def train(
             cache_key = (env_id, dataclasses.astuple(config), repr(params), updates_per_chunk)
             compiled = _COMPILED_CHUNKS.get(cache_key)
             if compiled is None:
-                compiled = run_chunk.lower(carry, start_uniforms, jnp.int32(num_active), replay_uniforms).compile()
+                lowered = run_chunk.lower(carry, start_uniforms, jnp.int32(num_active), replay_uniforms)
+                compiled = lowered.compile()
                 _COMPILED_CHUNKS[cache_key] = compiled
             compile_seconds += time.perf_counter() - compile_start
         run_start = time.perf_counter()

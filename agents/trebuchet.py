@@ -283,7 +283,8 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     wind ~ N(0, 5^2) m/s clipped to +-15), shoots with the network's actions and follows the
     gradient of ``config.loss`` of the relative miss ``(distance - target) / target`` (Adam with
     cosine decay), either of the batch itself or, with replay (the default), of minibatches of the
-    recent shots re-aimed through their linearised distances (see the module docstring). Inputs are standardised inside the training network; the returned policy has
+    recent shots re-aimed through their linearised distances (see the module docstring). Inputs
+    are standardised inside the training network; the returned policy has
     the standardisation folded into its first layer and acts on raw observations, so
     ``agents.policy.save_policy(dir, result.policy, result.spec, env_id="Trebuchet-v0")`` and
     ``load_policy`` work unchanged.
@@ -353,7 +354,8 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
         distances, jacobians = jax.vmap(lambda w, a: _distance_and_jacobian(w, a, params))(obs[:, 1], actions)
         stored, count = replay
         rows = (count + jnp.arange(config.batch_size)) % config.replay_capacity
-        stored = jax.tree.map(lambda s, new: s.at[rows].set(new), stored, (obs, actions, distances, jacobians))
+        shots = (obs, actions, distances, jacobians)
+        stored = jax.tree.map(lambda old, new: old.at[rows].set(new), stored, shots)
         count = count + config.batch_size
         filled = jnp.minimum(count, config.replay_capacity)
         picks = jax.random.randint(
@@ -397,14 +399,9 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     # Seeds of one config share the compiled functions: they depend on the config only (the seed
     # is in the weights, the keys and the evaluation tasks, all arguments).
     capacity = config.replay_capacity
-    replay = (
-        (
-            (jnp.zeros((capacity, 2)), jnp.zeros((capacity, 2)), jnp.zeros(capacity), jnp.zeros((capacity, 2))),
-            jnp.int32(0),
-        )
-        if config.replay_updates
-        else ()
-    )
+    # (observations, actions, distances, Jacobians) of the last `capacity` shots, and a count.
+    empty = tuple(jnp.zeros((capacity, *shape)) for shape in ((2,), (2,), (), (2,)))
+    replay = (empty, jnp.int32(0)) if config.replay_updates else ()
     cache_key = dataclasses.astuple(config)
     if cache_key not in _COMPILED:
         _COMPILED[cache_key] = (

@@ -241,7 +241,8 @@ def test_linearised_replay_of_a_stored_step_is_the_simulated_step(env_id):
             stored, new = (jnp.float32(v) for v in rng.uniform(-2, 2, 2))
         else:
             stored, new = jnp.float32(rng.integers(2)), jnp.float32(rng.uniform(0, 1))
-        (next_state, _, _), jacobian = bptt._transition_with_jacobian(env_id, env, params, config, state, stored)
+        outcome, jacobian = bptt._transition_with_jacobian(env_id, env, params, config, state, stored)
+        next_state = outcome[0]
 
         def replayed(action):
             return bptt._linearised_next_state(next_state, jacobian, action - stored)
@@ -278,16 +279,21 @@ def test_replay_counts_simulated_steps_only_and_stores_each_once():
 
     env, params = diffgym.make("Pendulum-v1")
     theta = jnp.arctan2(obs[:180, 1], obs[:180, 0])
-    states = PendulumState(theta=theta, theta_dot=obs[:180, 2], last_u=jnp.zeros(180), time=jnp.zeros(180, jnp.int32))
+    zeros = jnp.zeros(180)
+    states = PendulumState(theta=theta, theta_dot=obs[:180, 2], last_u=zeros, time=zeros.astype(jnp.int32))
     simulated = jax.vmap(lambda s, a: env.step_env(None, s, a, params)[1])(states, actions[:180])
-    np.testing.assert_allclose(np.asarray(simulated.theta_dot), np.asarray(next_states.theta_dot[:180]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(simulated.theta_dot), np.asarray(next_states.theta_dot[:180]), atol=1e-5
+    )
     np.testing.assert_allclose(
         np.asarray(jnp.sin(simulated.theta)), np.asarray(jnp.sin(next_states.theta[:180])), atol=1e-5
     )
 
 
 def test_replay_nan_guard_drops_the_bad_update():
-    config = BPTTConfig(total_env_steps=100, num_envs=1, window=1, episode_length=200, eval_every=10, replay_updates=2)
+    config = BPTTConfig(
+        total_env_steps=100, num_envs=1, window=1, episode_length=200, eval_every=10, replay_updates=2
+    )
     setup = bptt._setup("Pendulum-v1", config, 0)
     replay_uniforms = jnp.full((10, 2, 64), 0.5)
     healthy, _ = setup.run_chunk(setup.carry, jnp.zeros((10, 1, 1, 2)), jnp.int32(3), replay_uniforms)
