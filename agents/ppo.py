@@ -45,6 +45,7 @@ The critic is not part of the returned policy.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -633,12 +634,6 @@ def train(
     # networks' structure only (the seed is in the runner). The Trebuchet's simulator makes a
     # chunk cost 30-60 s to compile, so a three-seed comparison saves minutes.
     cache_key = (env_id, dataclasses.astuple(config), chunk_updates, repr(sorted(spec.items())))
-    chunk = _COMPILED_CHUNKS.get(cache_key)
-    if chunk is None:
-        chunk_fn = _make_chunk(env, env_params, static, optimizer, config, chunk_updates)
-        chunk = jax.jit(chunk_fn).lower(runner).compile()
-        _COMPILED_CHUNKS[cache_key] = chunk
-    compile_seconds = time.perf_counter() - compile_start
 
     def evaluate_now(weights, index: int) -> float:
         actor = eqx.combine(weights, static).acting_policy()
@@ -646,9 +641,17 @@ def train(
         returns = evaluate(env_id, actor, key=key, episodes=config.eval_episodes)
         return float(np.mean(returns))
 
-    eval_start = time.perf_counter()
-    first_return = evaluate_now(runner.weights, 0)
-    compile_seconds += time.perf_counter() - eval_start
+    # The first evaluation (which compiles the evaluator on its first use in this process) runs
+    # beside the chunk's compile: XLA compiles outside the GIL, so the two share the cores.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        first_evaluation = pool.submit(evaluate_now, runner.weights, 0)
+        chunk = _COMPILED_CHUNKS.get(cache_key)
+        if chunk is None:
+            chunk_fn = _make_chunk(env, env_params, static, optimizer, config, chunk_updates)
+            chunk = jax.jit(chunk_fn).lower(runner).compile()
+            _COMPILED_CHUNKS[cache_key] = chunk
+        first_return = first_evaluation.result()
+    compile_seconds = time.perf_counter() - compile_start
     curve = [{"env_steps": 0, "wall_seconds": time.perf_counter() - start, "eval_return": first_return}]
 
     env_steps_per_chunk = chunk_updates * config.batch_size

