@@ -320,9 +320,13 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     def loss(weights, obs):
         actions = actions_of(weights, obs)
         misses = jax.vmap(lambda w, a: _landing_distance(w, a, params))(obs[:, 1], actions) - obs[:, 0]
-        return miss_loss(misses, obs, actions)
+        return miss_loss(misses, obs, lambda: jax.vmap(jacobian_at)(obs[:, 1], actions))
 
-    def miss_loss(misses, obs, actions):
+    def jacobian_at(wind, action):
+        return _distance_and_jacobian(wind, action, params)[1]
+
+    def miss_loss(misses, obs, jacobians):
+        """``config.loss`` of the misses; ``jacobians()`` gives dd/da (the Gauss-Newton loss only)."""
         relative = misses / obs[:, 0]
         if config.loss == "relative":
             return jnp.mean(relative**2)
@@ -333,14 +337,14 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
         # Gauss-Newton: the miss in box-scaled action units, miss / |dd/da * box| (the
         # sensitivity held constant), so that every task pulls on the weights with the action
         # change that would zero its miss, whatever the local slope of the range curve.
-        jacobians = jax.vmap(lambda w, a: _distance_and_jacobian(w, a, params)[1])(obs[:, 1], actions)
-        sensitivity = jax.lax.stop_gradient(jnp.sum((jacobians * box) ** 2, axis=1))
+        sensitivity = jax.lax.stop_gradient(jnp.sum((jacobians() * box) ** 2, axis=1))
         return jnp.mean(misses**2 / jnp.maximum(sensitivity, 1e-6))
 
     def replayed_loss(weights, stored):
         obs, actions, distances, jacobians = stored
         moved = distances + jnp.sum(jacobians * (actions_of(weights, obs) - actions), axis=1)
-        return miss_loss(moved - obs[:, 0], obs, actions)
+        # The stored Jacobians: replay simulates nothing.
+        return miss_loss(moved - obs[:, 0], obs, lambda: jacobians)
 
     @jax.jit
     def update(weights, opt_state, key, replay):
