@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 from typing import Any, Generic, TypeVar
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,19 +42,102 @@ class EnvParams:
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0) -> jax.Array:
-    """``jax.random.uniform(key, shape, minval=minval, maxval=maxval)`` drawn with JAX's
-    non-partitionable Threefry layout (``jax.threefry_partitionable(False)``).
+    """``jax.random.uniform(key, shape, minval=minval, maxval=maxval)`` in JAX's non-partitionable
+    Threefry layout (``jax.threefry_partitionable(False)``), bit for bit, hashed block by block.
 
-    Same generator (Threefry-2x32, 20 rounds), same float conversion; the layout reads both 32-bit
-    words of each hash block where the partitionable default (JAX >= 0.5) xors them into one, so a
-    reset draw costs half the blocks. The envs' reset draws are small per-env vectors (under
-    ``vmap``, one per env), which the default layout exists to shard and these never need.
-    Measured at batch 4096 on 2 CPU cores: CartPole's auto-resetting ``step`` 1.26x faster with
-    XLA's default threading (10.4 -> 13.0 M steps/s); with the batch split over two host devices
-    the difference is inside the noise (bench/results/throughput.md, variant study).
+    Same generator (Threefry-2x32, 20 rounds), same float conversion. The non-partitionable layout
+    reads both 32-bit words of each hash block where the partitionable default (JAX >= 0.5) xors
+    them into one, so a draw costs half the blocks; the envs' reset draws are small per-env vectors
+    (under ``vmap``, one per env), which the default layout exists to shard and these never need.
+
+    For float32 draws from Threefry keys the hash is computed here, block by block, on scalar
+    counters (``_threefry_bits``): under ``vmap`` each block is then a hash of ``(batch,)`` vectors,
+    not of a ``(batch, blocks)`` array whose short minor axis vectorises poorly. Measured on 2 CPU
+    cores with the batch split over two devices (CartPole's auto-resetting ``step``, one process,
+    interleaved repeats): 1.18x faster at batch 4096 and 1.25x at 16384 than ``jax.random.uniform``
+    in the same layout; at batch 1, where jax's rolled hash loop dominates, 18x. Other keys
+    (``rbg``, ...) and float64 draws (``jax_enable_x64``) go through ``jax.random.uniform``.
     """
-    with jax.threefry_partitionable(False):
-        return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float_)
+    if dtype != jnp.float32 or not _is_threefry_key(key):
+        with jax.threefry_partitionable(False):
+            return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
+    return _uniform_from_bits(jax.random.key_data(key), tuple(shape), minval, maxval)
+
+
+# Jitted, as jax.random.uniform is: the same fusion (and so the same last bit) when called eagerly.
+@functools.partial(jax.jit, static_argnums=1)
+def _uniform_from_bits(key_words, shape, minval, maxval):
+    bits = _threefry_bits(int(np.prod(shape)))(key_words).reshape(shape)
+    # jax.random.uniform's map from 32 bits to [minval, maxval): 23 mantissa bits in [1, 2), minus 1.
+    minval = jnp.asarray(minval, jnp.float32)
+    maxval = jnp.asarray(maxval, jnp.float32)
+    mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+    return jax.lax.max(minval, unit * (maxval - minval) + minval)
+
+
+#: Below this many envs under ``vmap`` the hash is written out (no loop); from it on, each block
+#: is one ``threefry2x32`` call, which jax lowers on CPU to a rolled loop: per call it costs a
+#: few microseconds (at batch 1, 35x the written-out hash), per env less (at batch 256, 1.1x
+#: faster; at 16384, 1.8x).
+_LOOPED_HASH_FROM_BATCH = 64
+#: Threefry-2x32's rotation constants, for even and odd blocks of four rounds.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+@functools.lru_cache(maxsize=None)
+def _threefry_bits(size: int):
+    """``key_words (uint32[2]) -> uint32[size]``: the bits of ``jax.random.bits(key, (size,))`` in
+    the non-partitionable layout. Counters ``0 .. size-1`` are padded with a 0 to even length;
+    block ``j`` hashes ``(counts[j], counts[half + j])``; the words come out as every block's first
+    word, then every block's second. Batched (``vmap``) by ``custom_vmap``: see
+    ``_LOOPED_HASH_FROM_BATCH``. Integer in, integer out: nothing here is differentiated."""
+    counts = list(range(size)) + [0] * (size % 2)
+    half = len(counts) // 2
+
+    def written_out(key1, key2):
+        schedule = (key1, key2, key1 ^ key2 ^ jnp.uint32(0x1BD11BDA))
+        firsts = [jnp.uint32(counts[j]) + key1 for j in range(half)]
+        seconds = [jnp.uint32(counts[half + j]) + key2 for j in range(half)]
+        for block in range(5):
+            for bits in _ROTATIONS[block % 2]:
+                firsts = [x + y for x, y in zip(firsts, seconds)]
+                left, right = jnp.uint32(bits), jnp.uint32(32 - bits)
+                seconds = [x ^ ((y << left) | (y >> right)) for x, y in zip(firsts, seconds)]
+            firsts = [x + schedule[(block + 1) % 3] for x in firsts]
+            seconds = [y + schedule[(block + 2) % 3] + jnp.uint32(block + 1) for y in seconds]
+        return jnp.stack((firsts + seconds)[:size], axis=-1)
+
+    def looped(key1, key2):
+        def count(value):
+            return jnp.full(key1.shape, value, jnp.uint32)
+
+        blocks = [
+            jax.extend.random.threefry2x32_p.bind(key1, key2, count(counts[j]), count(counts[half + j]))
+            for j in range(half)
+        ]
+        return jnp.stack(([b[0] for b in blocks] + [b[1] for b in blocks])[:size], axis=-1)
+
+    @jax.custom_batching.custom_vmap
+    def bits(key_words):
+        return written_out(key_words[0], key_words[1])
+
+    @bits.def_vmap
+    def _batched(axis_size, in_batched, key_words):
+        if not in_batched[0]:
+            return bits(key_words), False
+        hash_ = written_out if axis_size < _LOOPED_HASH_FROM_BATCH else looped
+        return hash_(key_words[..., 0], key_words[..., 1]), True
+
+    return bits
+
+
+def _is_threefry_key(key) -> bool:
+    """A typed Threefry key or a raw ``uint32[2]`` key of the default (Threefry) implementation."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    return key.shape == (2,) and str(jax.random.key_impl(key)) == "threefry2x32"
 
 
 TState = TypeVar("TState", bound=EnvState)

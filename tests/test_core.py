@@ -319,3 +319,42 @@ def test_accepted_action_shapes_give_the_same_transition(env_id, key):
     scalar = env.step_env(key, state, jnp.float32(1.0), params)[0]
     vector = env.step_env(key, state, jnp.ones((1,)), params)[0]
     np.testing.assert_array_equal(scalar, vector)
+
+
+# --------------------------------------------------------------------------------------------
+# The reset draw: jax.random.uniform's bits, one Threefry block at a time
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1,), (2,), (3,), (4,), (5,), (2, 3)])
+def test_uniform_is_jax_random_uniform_in_the_non_partitionable_layout(shape):
+    """Bit for bit, eagerly and under jit(vmap), for typed and raw Threefry keys, with scalar and
+    per-entry bounds."""
+    from diffgym.core import uniform
+
+    low, high = -jnp.arange(1.0, 1.0 + np.prod(shape)).reshape(shape), 0.05
+
+    def reference(key, low, high):
+        with jax.threefry_partitionable(False):
+            return jax.random.uniform(key, shape, minval=low, maxval=high)
+
+    for key in (jax.random.key(3), jax.random.PRNGKey(4)):
+        drawn = uniform(key, shape, low, high)
+        np.testing.assert_array_equal(np.asarray(drawn), np.asarray(reference(key, low, high)))
+    keys = jax.random.split(jax.random.key(5), 33)
+    batched = jax.jit(jax.vmap(lambda k: uniform(k, shape, -0.05, 0.05)))(keys)
+    expected = jax.jit(jax.vmap(lambda k: reference(k, -0.05, 0.05)))(keys)
+    np.testing.assert_array_equal(np.asarray(batched), np.asarray(expected))
+
+
+def test_uniform_falls_back_for_other_keys_and_float64():
+    from diffgym.core import uniform
+
+    key = jax.random.key(0, impl="rbg")
+    with jax.threefry_partitionable(False):
+        expected = jax.random.uniform(key, (4,))
+    np.testing.assert_array_equal(np.asarray(uniform(key, (4,))), np.asarray(expected))
+    with jax.enable_x64(True):
+        draw = uniform(jax.random.key(0), (4,), -1.0, 1.0)
+        with jax.threefry_partitionable(False):
+            expected = jax.random.uniform(jax.random.key(0), (4,), minval=-1.0, maxval=1.0)
+        assert draw.dtype == jnp.float64
+        np.testing.assert_array_equal(np.asarray(draw), np.asarray(expected))
