@@ -329,8 +329,24 @@ def _uniform_from_split_bits(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
     return _bits_to_uniform(words.reshape(shape), shape, minval, maxval, jnp.float32)
 
 
-#: Variant name -> replacement for ``jax.random.uniform`` while the rollout is traced.
+def _uniform_jax(partitionable: bool):
+    """``jax.random.uniform`` itself, in the given threefry layout."""
+
+    def draw(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
+        import jax
+
+        with jax.threefry_partitionable(partitionable):
+            return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
+
+    return draw
+
+
+#: Variant name -> replacement for the envs' reset draw (``diffgym.core.uniform``) while the
+#: rollout is traced. The shipped draw hashes block by block on scalar counters; these draw
+#: the same distribution otherwise (the first and the third: the very same bits).
 RESET_DRAWS = {
+    "diffgym step, reset draw by jax.random.uniform (same bits)": _uniform_jax(False),
+    "diffgym step, reset draw in jax's partitionable layout": _uniform_jax(True),
     "diffgym step, reset draw with unrolled threefry (same bits)": _uniform_unrolled_threefry,
     "diffgym step, reset draw from split-key bits (half the hashes)": _uniform_from_split_bits,
 }
@@ -338,28 +354,31 @@ RESET_DRAWS = {
 
 @contextlib.contextmanager
 def _reset_draw(variant: str):
-    """Replace ``jax.random.uniform`` (the envs' reset draw) while ``variant`` is traced."""
-    import jax
+    """Replace the envs' reset draw (``uniform`` in their modules) while ``variant`` is traced."""
+    import diffgym.envs.cartpole
+    import diffgym.envs.pendulum
 
     replacement = RESET_DRAWS.get(variant)
     if replacement is None:
         yield
         return
-    original = jax.random.uniform
+    modules = (diffgym.envs.cartpole, diffgym.envs.pendulum)
+    originals = [module.uniform for module in modules]
 
-    def reset_draws_only(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
-        # The envs' reset draws are a few numbers; larger draws (the benchmark's own actions) and
-        # non-threefry keys keep jax's implementation.
-        threefry = jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(0, impl="threefry2x32"))
-        if int(np.prod(shape)) > 8 or not threefry:
-            return original(key, shape, dtype or jax.numpy.float32, minval, maxval)
-        return replacement(key, shape, dtype, minval, maxval)
+    def draw(key, shape, minval=0.0, maxval=1.0):
+        import jax
 
-    jax.random.uniform = reset_draws_only
+        # The shipped draw's layout, unless the variant sets its own.
+        with jax.threefry_partitionable(False):
+            return replacement(key, shape, None, minval, maxval)
+
+    for module in modules:
+        module.uniform = draw
     try:
         yield
     finally:
-        jax.random.uniform = original
+        for module, original in zip(modules, originals):
+            module.uniform = original
 
 
 def _variant_envs(env_id: str):
@@ -382,13 +401,6 @@ def _variant_envs(env_id: str):
         of observing the selected state."""
 
         observation_is_state_function = False
-
-    class WithPartitionableDraw(base):
-        """The reset draw with jax's default (partitionable) threefry layout: twice the hashes."""
-
-        def reset_env(self, key, params):
-            with jax.threefry_partitionable(True):
-                return super().reset_env(key, params)
 
     class WithLaxSelect(base):
         """Auto-reset with ``lax.select`` on every leaf, as gymnax writes it."""
@@ -416,7 +428,6 @@ def _variant_envs(env_id: str):
         "diffgym step (shipped)": shipped,
         "diffgym step, key split as gymnax": WithKeySplit(),
         "diffgym step, observations selected as gymnax": WithSelectedObservation(),
-        "diffgym step, reset draw in jax's partitionable layout": WithPartitionableDraw(),
         "diffgym step, lax.select": WithLaxSelect(),
         **{name: base() for name in RESET_DRAWS},
         "diffgym step without auto-reset (floor)": NoAutoReset(),
@@ -763,9 +774,11 @@ def render_markdown(results: dict, args) -> str:
             "Each diffgym row changes one thing in the shipped `step`. `rbg`/`unsafe_rbg` rows pass "
             "keys of that PRNG implementation (`jax.random.key(seed, impl=...)`) to both libraries; "
             "the last block reruns with `JAX_THREEFRY_PARTITIONABLE=0`. The *floor* is not a valid `step` "
-            "(no auto-reset): it bounds what any reset scheme can reach. *Unrolled threefry (same bits)*: jax "
-            "lowers the threefry hash on CPU to a rolled 5-iteration `while` loop; written out, the reset draw "
-            "is bit-identical (checked at the start of every run). *Split-key bits*: the same distribution "
+            "(no auto-reset): it bounds what any reset scheme can reach. The shipped reset draw "
+            "(`diffgym.core.uniform`) hashes block by block on scalar counters, written out below 64 envs "
+            "and with jax's looped hash from there; *jax.random.uniform (same bits)* is the draw it "
+            "replaces. *Unrolled threefry (same bits)*: the hash written out at every batch size (checked "
+            "bit-identical at the start of every run). *Split-key bits*: the same distribution "
             "(23-bit float32 uniforms) from half the hashes, but other draws for a given key. M env-steps/s:",
             "",
             "| variant | env | batch | M steps/s | min–max over repeats | vs gymnax `step` (same block) |",
