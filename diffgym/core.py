@@ -50,13 +50,15 @@ def uniform(key: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0) -> j
     them into one, so a draw costs half the blocks; the envs' reset draws are small per-env vectors
     (under ``vmap``, one per env), which the default layout exists to shard and these never need.
 
-    For float32 draws from Threefry keys the hash is computed here, block by block, on scalar
+    For float32 draws from Threefry keys the hash is computed here, block by block on scalar
     counters (``_threefry_bits``): under ``vmap`` each block is then a hash of ``(batch,)`` vectors,
-    not of a ``(batch, blocks)`` array whose short minor axis vectorises poorly. Measured on 2 CPU
-    cores with the batch split over two devices (CartPole's auto-resetting ``step``, one process,
-    interleaved repeats): 1.18x faster at batch 4096 and 1.25x at 16384 than ``jax.random.uniform``
-    in the same layout; at batch 1, where jax's rolled hash loop dominates, 18x. Other keys
-    (``rbg``, ...) and float64 draws (``jax_enable_x64``) go through ``jax.random.uniform``.
+    not of a ``(batch, blocks)`` array whose short minor axis vectorises poorly, and below 64 envs
+    it is written out rather than run as jax's rolled loop. Measured on 2 CPU cores against
+    ``jax.random.uniform`` in the same layout (CartPole's auto-resetting ``step``, one process,
+    interleaved repeats): at batch 1, 16x more steps/s; with the batch split over two host devices,
+    1.15x at 256 and 4096; with XLA's default threading on one device, 0.7-0.8x at 256 and 4096
+    (bench/results/throughput.md has both libraries in every setting). Other keys (``rbg``, ...)
+    and float64 draws (``jax_enable_x64``) go through ``jax.random.uniform``.
     """
     dtype = jax.dtypes.canonicalize_dtype(jnp.float_)
     if dtype != jnp.float32 or not _is_threefry_key(key):
