@@ -339,9 +339,15 @@ def test_uniform_is_jax_random_uniform_in_the_non_partitionable_layout(shape):
     for key in (jax.random.key(3), jax.random.PRNGKey(4)):
         drawn = uniform(key, shape, low, high)
         np.testing.assert_array_equal(np.asarray(drawn), np.asarray(reference(key, low, high)))
-    keys = jax.random.split(jax.random.key(5), 33)
-    batched = jax.jit(jax.vmap(lambda k: uniform(k, shape, -0.05, 0.05)))(keys)
-    expected = jax.jit(jax.vmap(lambda k: reference(k, -0.05, 0.05)))(keys)
+    # Both batched forms: written out (below 64 envs) and jax's looped hash per block.
+    for batch in (33, 70):
+        keys = jax.random.split(jax.random.key(batch), batch)
+        batched = jax.jit(jax.vmap(lambda k: uniform(k, shape, -0.05, 0.05)))(keys)
+        expected = jax.jit(jax.vmap(lambda k: reference(k, -0.05, 0.05)))(keys)
+        np.testing.assert_array_equal(np.asarray(batched), np.asarray(expected))
+    nested = jax.random.split(jax.random.key(6), (3, 70))
+    batched = jax.jit(jax.vmap(jax.vmap(lambda k: uniform(k, shape, -0.05, 0.05))))(nested)
+    expected = jax.jit(jax.vmap(jax.vmap(lambda k: reference(k, -0.05, 0.05))))(nested)
     np.testing.assert_array_equal(np.asarray(batched), np.asarray(expected))
 
 
