@@ -265,68 +265,37 @@ def jax_worker(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # Variants of diffgym's step: where its speed comes from
 # --------------------------------------------------------------------------------------------
-def _threefry2x32_unrolled(key1, key2, count1, count2):
-    """The Threefry-2x32 hash (20 rounds), written out: the same bits as jax's ``threefry2x32_p``,
-    which on CPU lowers to a rolled 5-iteration ``while`` loop (a loop per reset draw)."""
-    import numpy as np
-
-    def rotate_left(x, bits):
-        return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
-
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    key_schedule = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
-    x1, x2 = count1 + key_schedule[0], count2 + key_schedule[1]
-    for block in range(5):
-        for bits in rotations[block % 2]:
-            x1 = x1 + x2
-            x2 = x1 ^ rotate_left(x2, bits)
-        x1 = x1 + key_schedule[(block + 1) % 3]
-        x2 = x2 + key_schedule[(block + 2) % 3] + np.uint32(block + 1)
-    return x1, x2
-
-
-def _bits_to_uniform(bits, shape, minval, maxval, dtype):
-    """``jax.random.uniform``'s map from 32 random bits to [minval, maxval) (float32)."""
-    import jax.numpy as jnp
-    from jax import lax
-
-    minval = lax.convert_element_type(jnp.asarray(minval), dtype)
-    maxval = lax.convert_element_type(jnp.asarray(maxval), dtype)
-    mantissa = lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    unit = lax.bitcast_convert_type(mantissa, dtype) - jnp.array(1.0, dtype)
-    return lax.max(minval, lax.reshape(unit * (maxval - minval) + minval, shape))
-
-
 def _uniform_unrolled_threefry(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
-    """Bit for bit ``jax.random.uniform`` (threefry keys, float32), with the hash unrolled."""
+    """Bit for bit ``jax.random.uniform`` (threefry keys, float32), with the hash written out at
+    every batch size (``diffgym.core.threefry2x32_written_out``)."""
     import jax
     import jax.numpy as jnp
 
+    from diffgym.core import bits_to_uniform, threefry2x32_written_out
+
     data = jax.random.key_data(key)
     key1, key2, size = data[0], data[1], int(np.prod(shape))
-    if jax.config.jax_threefry_partitionable:
-        words = []
-        for i in range(size):
-            bits1, bits2 = _threefry2x32_unrolled(key1, key2, jnp.uint32(0), jnp.uint32(i))
-            words.append(bits1 ^ bits2)
+    if jax.config.jax_threefry_partitionable:  # word i: both halves of block (0, i), xored
+        firsts, seconds = threefry2x32_written_out(key1, key2, [0] * size, list(range(size)))
+        words = [x ^ y for x, y in zip(firsts, seconds)]
     else:  # counts 0..n-1 (padded with a 0 to even length), hashed as two halves
         counts = list(range(size)) + [0] * (size % 2)
         half = len(counts) // 2
-        pairs = [_threefry2x32_unrolled(key1, key2, jnp.uint32(counts[j]), jnp.uint32(counts[half + j]))
-                 for j in range(half)]
-        words = ([p[0] for p in pairs] + [p[1] for p in pairs])[:size]
-    return _bits_to_uniform(jnp.stack(words).reshape(shape), shape, minval, maxval, jnp.float32)
+        firsts, seconds = threefry2x32_written_out(key1, key2, counts[:half], counts[half:])
+        words = (firsts + seconds)[:size]
+    return bits_to_uniform(jnp.stack(words).reshape(shape), minval, maxval)
 
 
 def _uniform_from_split_bits(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
     """Same distribution, half the hashes: the 2 words of each ``jax.random.split`` key are used
     as random bits, so n uniforms cost ceil(n/2) threefry hashes instead of n (partitionable)."""
     import jax
-    import jax.numpy as jnp
+
+    from diffgym.core import bits_to_uniform
 
     size = int(np.prod(shape))
     words = jax.random.key_data(jax.random.split(key, (size + 1) // 2)).reshape(-1)[:size]
-    return _bits_to_uniform(words.reshape(shape), shape, minval, maxval, jnp.float32)
+    return bits_to_uniform(words.reshape(shape), minval, maxval)
 
 
 def _uniform_jax(partitionable: bool):

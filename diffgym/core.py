@@ -70,8 +70,12 @@ def uniform(key: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0) -> j
 # Jitted, as jax.random.uniform is: the same fusion (and so the same last bit) when called eagerly.
 @functools.partial(jax.jit, static_argnums=1)
 def _uniform_from_bits(key_words, shape, minval, maxval):
-    bits = _threefry_bits(int(np.prod(shape)))(key_words).reshape(shape)
-    # jax.random.uniform's map from 32 bits to [minval, maxval): 23 mantissa bits in [1, 2), minus 1.
+    return bits_to_uniform(_threefry_bits(int(np.prod(shape)))(key_words).reshape(shape), minval, maxval)
+
+
+def bits_to_uniform(bits: jax.Array, minval, maxval) -> jax.Array:
+    """``jax.random.uniform``'s float32 map from 32 random bits to [minval, maxval): 23 mantissa
+    bits in [1, 2), minus 1, scaled."""
     minval = jnp.asarray(minval, jnp.float32)
     maxval = jnp.asarray(maxval, jnp.float32)
     mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
@@ -88,6 +92,23 @@ _LOOPED_HASH_FROM_BATCH = 64
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
+def threefry2x32_written_out(key1, key2, first_counts, second_counts) -> tuple[list, list]:
+    """Threefry-2x32 (20 rounds) of the blocks ``(first_counts[j], second_counts[j])`` under the key
+    ``(key1, key2)``, written out as plain ``uint32`` arithmetic: the same bits as jax's
+    ``threefry2x32`` primitive, which jax lowers on CPU to a rolled 5-iteration loop."""
+    schedule = (key1, key2, key1 ^ key2 ^ jnp.uint32(0x1BD11BDA))
+    firsts = [jnp.uint32(count) + key1 for count in first_counts]
+    seconds = [jnp.uint32(count) + key2 for count in second_counts]
+    for block in range(5):
+        for bits in _ROTATIONS[block % 2]:
+            firsts = [x + y for x, y in zip(firsts, seconds)]
+            left, right = jnp.uint32(bits), jnp.uint32(32 - bits)
+            seconds = [x ^ ((y << left) | (y >> right)) for x, y in zip(firsts, seconds)]
+        firsts = [x + schedule[(block + 1) % 3] for x in firsts]
+        seconds = [y + schedule[(block + 2) % 3] + jnp.uint32(block + 1) for y in seconds]
+    return firsts, seconds
+
+
 @functools.lru_cache(maxsize=None)
 def _threefry_bits(size: int):
     """``key_words (uint32[2]) -> uint32[size]``: the bits of ``jax.random.bits(key, (size,))`` in
@@ -99,16 +120,7 @@ def _threefry_bits(size: int):
     half = len(counts) // 2
 
     def written_out(key1, key2):
-        schedule = (key1, key2, key1 ^ key2 ^ jnp.uint32(0x1BD11BDA))
-        firsts = [jnp.uint32(counts[j]) + key1 for j in range(half)]
-        seconds = [jnp.uint32(counts[half + j]) + key2 for j in range(half)]
-        for block in range(5):
-            for bits in _ROTATIONS[block % 2]:
-                firsts = [x + y for x, y in zip(firsts, seconds)]
-                left, right = jnp.uint32(bits), jnp.uint32(32 - bits)
-                seconds = [x ^ ((y << left) | (y >> right)) for x, y in zip(firsts, seconds)]
-            firsts = [x + schedule[(block + 1) % 3] for x in firsts]
-            seconds = [y + schedule[(block + 2) % 3] + jnp.uint32(block + 1) for y in seconds]
+        firsts, seconds = threefry2x32_written_out(key1, key2, counts[:half], counts[half:])
         return jnp.stack((firsts + seconds)[:size], axis=-1)
 
     def looped(key1, key2):
