@@ -441,17 +441,23 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
         records = (obs, action, next_state, jacobian) if record else ()
         return carried, (cost, finite, next_obs, done, terminated, records)
 
+    def simulate_window(weights, states, start_uniforms, record=False):
+        """``env_step`` over one window of every rollout: ``(states, per-step outputs)``, each
+        output shaped ``(num_envs, window, ...)``."""
+
+        def one_rollout(state, uniforms):
+            return jax.lax.scan(lambda state, u: env_step(weights, state, u, record), state, uniforms)
+
+        return jax.vmap(one_rollout)(states, start_uniforms)
+
     def window_loss(weights, critic_weights, states, start_uniforms):
         """Discount-weighted mean cost per step of one window, averaged over the rollouts.
 
         With a critic, the discounted value of where each episode piece ends (the window's end, or
         a truncation inside it) is added: the window is then judged by what follows it too.
         """
-
-        def one_rollout(state, uniforms):
-            return jax.lax.scan(lambda state, u: env_step(weights, state, u), state, uniforms)
-
-        states, (costs, finite, next_obs, done, terminated, _) = jax.vmap(one_rollout)(states, start_uniforms)
+        states, outputs = simulate_window(weights, states, start_uniforms)
+        costs, finite, next_obs, done, terminated, _ = outputs
         total = costs @ step_weights
         if critic is not None:
             bootstrap = (done | is_last) & ~terminated
@@ -518,11 +524,8 @@ def _make_chunk_runner(env_id: str, params, config: BPTTConfig, static, optimize
         ``config.replay_updates`` Adam steps on minibatches of all the steps stored so far."""
         weights, opt_state, states = carry[:3]
         buffer, count = carry[9]
-
-        def one_rollout(state, uniforms):
-            return jax.lax.scan(lambda state, u: env_step(weights, state, u, record=True), state, uniforms)
-
-        new_states, (costs, finite, _, _, _, records) = jax.vmap(one_rollout)(states, start_uniforms)
+        new_states, outputs = simulate_window(weights, states, start_uniforms, record=True)
+        costs, finite, _, _, _, records = outputs
         # (num_envs, window, ...) -> one row per simulated step, appended at `count`.
         records = jax.tree.map(lambda leaf: leaf.reshape((-1, *leaf.shape[2:])), records)
         new_buffer = jax.tree.map(
