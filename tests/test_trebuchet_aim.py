@@ -108,6 +108,14 @@ def test_replay_learns_from_few_shots_and_counts_only_simulated_ones():
     assert result.curve[0]["eval_return"] < -20 and result.extra["returned_eval_return"] > -3.0, result.curve
 
 
+def test_bad_aiming_configs_are_refused_with_the_value():
+    with pytest.raises(ValueError, match=r"replay_updates must be an integer >= 0, got -1"):
+        aiming.train_aiming(dataclasses.replace(aiming.AimingConfig(), replay_updates=-1), seed=0)
+    expected = r"replay_capacity \(8\) must hold at least one batch \(batch_size = 16\)"
+    with pytest.raises(ValueError, match=expected):
+        aiming.train_aiming(dataclasses.replace(aiming.AimingConfig(), replay_capacity=8), seed=0)
+
+
 @pytest.mark.slow
 def test_default_training_meets_the_accuracy_goal():
     """The default budget: median |miss| at most 0.3 % of the target over 1000 random tasks."""
