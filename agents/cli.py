@@ -88,7 +88,7 @@ class TrainArgs(Generic[ConfigT]):
 class PlayArgs:
     """Run a controller live in a pygame window, or record it headless to a GIF.
 
-    Without --policy, plays the controller bundled in assets/<env>/ (no training needed)."""
+    Without --policy, plays the controller bundled in agents/assets/<env>/ (no training needed)."""
 
     env: str | None = None
     """Environment (cartpole, pendulum, trebuchet or an id); optional when --policy is given."""

@@ -78,8 +78,7 @@ class RunRecord:
 
 def short_name(env_id: str) -> str:
     """``"CartPole-v1"`` -> ``"cartpole"`` (the file-name part of the outputs)."""
-    env_id = diffgym.resolve_env_id(env_id)
-    return {full: short for short, full in diffgym.core.ALIASES.items()}.get(env_id, env_id.lower())
+    return diffgym.spec(env_id).short_name
 
 
 def time_to_threshold(curve: list[dict], threshold: float) -> tuple[int | None, float | None]:

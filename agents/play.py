@@ -1,6 +1,6 @@
 """Watch a controller act: live in a pygame window, or recorded headless to a GIF.
 
-``train-controller play --env pendulum`` runs the controller bundled in ``assets/pendulum/`` on
+``train-controller play --env pendulum`` runs the controller bundled in ``agents/assets/pendulum/`` on
 the gymnasium env ``diffgym/Pendulum-v1`` with ``render_mode="human"``, episode after episode,
 with the episode number and the running return in the window caption (and drawn over the scene
 in recordings).
@@ -29,11 +29,10 @@ import equinox as eqx
 import numpy as np
 
 import diffgym
-from diffgym.core import ALIASES
 
 #: Controllers shipped with the repository, one folder per env: ``policy.json``, ``policy.eqx``
 #: and the ``metrics.json`` of the run that trained them.
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 #: Extensions ``--record`` accepts. GIF needs only pillow; MP4 needs an ffmpeg backend.
 RECORD_EXTENSIONS = (".gif", ".mp4")
@@ -51,16 +50,12 @@ _RENDER_EXTRA_HINT = "pip install 'diffgym[render]'"
 # Where policies come from
 # --------------------------------------------------------------------------------------------
 def short_env_name(env_id: str) -> str:
-    """``"CartPole-v1"`` -> ``"cartpole"``: the folder name used under ``assets/`` and ``runs/``."""
-    env_id = diffgym.resolve_env_id(env_id)
-    for alias, full in ALIASES.items():
-        if full == env_id:
-            return alias
-    return env_id.lower()
+    """``"CartPole-v1"`` -> ``"cartpole"``: the folder name used under ``agents/assets/`` and ``runs/``."""
+    return diffgym.spec(env_id).short_name
 
 
 def bundled_policy_dir(env_id: str) -> Path:
-    """The folder of the controller bundled for ``env_id`` (``assets/<short name>/``)."""
+    """The folder of the controller bundled for ``env_id`` (``agents/assets/<short name>/``)."""
     return ASSETS_DIR / short_env_name(env_id)
 
 
@@ -167,7 +162,7 @@ def play(
         env: env name or id (``"pendulum"``, ``"Pendulum-v1"``); optional when ``policy_dir``
             is given (the checkpoint knows its env).
         policy_dir: a checkpoint folder (``train-controller --out DIR``); default: the
-            controller bundled in ``assets/<env>/``.
+            controller bundled in ``agents/assets/<env>/``.
         episodes: how many episodes; default: until the window is closed (live) or 1 (record).
         record: a ``.gif`` (or ``.mp4``) path: render headless into it instead of a window.
         seed: episode ``k`` is reset with seed ``seed + k``.
@@ -260,7 +255,9 @@ def _play_recorded(env_id, policy, episodes, seed, max_steps, record: Path, echo
     shell = gym_env.unwrapped
     # The renderer protocol rather than gym_env.render(): a trebuchet step is a whole shot, and
     # render() gives only its last frame where frames() gives the flight.
-    renderer = shell.functional_env.renderer()
+    from diffgym.render import make_renderer
+
+    renderer = make_renderer(shell.functional_env)
     fps = int(getattr(renderer, "render_fps", None) or gym_env.metadata.get("render_fps") or 30)
     writer = _FrameWriter(record, fps)
     returns: list[float] = []

@@ -1,8 +1,8 @@
 """Trebuchet benchmark: simulator cost, gradient aiming versus the aiming network, training.
 
 Run ``python -m bench.bench_trebuchet`` (``--no-train`` reuses the network in
-``assets/trebuchet``). Writes ``bench/results/trebuchet.md`` and, after training, the network
-and its metrics to ``assets/trebuchet/`` (``policy.eqx``, ``policy.json``, ``metrics.json``).
+``agents/assets/trebuchet``). Writes ``bench/results/trebuchet.md`` and, after training, the network
+and its metrics to ``agents/assets/trebuchet/`` (``policy.eqx``, ``policy.json``, ``metrics.json``).
 
 Every timing is the median of repeated calls of an already compiled function
 (``block_until_ready`` included); compile times are reported apart.
@@ -28,7 +28,7 @@ from bench.machine import cpu_model, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "trebuchet.md"
-ASSETS = ROOT / "assets" / "trebuchet"
+ASSETS = ROOT / "agents" / "assets" / "trebuchet"
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, float]:
@@ -56,7 +56,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-train", action="store_true", help="reuse the network in assets/trebuchet")
+    parser.add_argument("--no-train", action="store_true", help="reuse the network in agents/assets/trebuchet")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     header = machine()

@@ -2,28 +2,36 @@
 
 Functional core (gymnax 1.x API)::
 
-    env, params = diffgym.make("CartPole-v1")
+    env, params = diffgym.make("CartPole-v1")          # keywords override physics: masspole=0.3
     obs, state = env.reset(key, params)
     obs, state, reward, terminated, truncated, info = env.step(key, state, action, params)
 
-Gymnasium shells, registered on import: ``gymnasium.make("diffgym/CartPole-v1")``.
+Every environment has one record, its ``EnvSpec`` (``diffgym.spec("cartpole")``), and a training
+``Task`` (``diffgym.make_task``). Gymnasium shells are registered on import:
+``gymnasium.make("diffgym/CartPole-v1")``.
 """
 
 from diffgym import discrete
-from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState, make, registered_envs, resolve_env_id
-from diffgym.gym import register_envs as _register_gymnasium_envs
+from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState
+from diffgym.registry import EnvSpec, make, make_task, register, registered_envs, resolve_env_id, spec
+from diffgym.task import Task
 
-_register_gymnasium_envs()  # string entry points: the shells load on the first gymnasium.make
+import diffgym.envs  # noqa: E402,F401  (registers the bundled environments)
 
 __all__ = [
     "Box",
     "Discrete",
     "EnvParams",
+    "EnvSpec",
     "EnvState",
     "Environment",
+    "Task",
     "discrete",
     "make",
+    "make_task",
+    "register",
     "registered_envs",
     "resolve_env_id",
+    "spec",
 ]
 __version__ = "0.1.0"

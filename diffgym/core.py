@@ -9,9 +9,7 @@ The signatures follow gymnax 1.x, so a trainer written for gymnax runs on diffgy
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import importlib
 from typing import Any, Generic, TypeVar
 
 import jax
@@ -231,7 +229,6 @@ class Environment(Generic[TState, TParams]):
     #: batch 4096 on 2 CPU cores (bench/results/throughput.md). Envs with noisy or keyed
     #: observations leave it False.
     observation_is_state_function: bool = False
-    render_fps: int = 30
 
     @property
     def default_params(self) -> TParams:
@@ -306,54 +303,3 @@ class Environment(Generic[TState, TParams]):
 
     def observation_space(self, params: TParams | None = None):
         raise NotImplementedError
-
-    def renderer(self, *, width: int | None = None, height: int | None = None):
-        """A pygame renderer with ``frames(state, params) -> list[np.ndarray]`` (see ``diffgym.render``)."""
-        raise NotImplementedError(f"{self.name} has no renderer")
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-_REGISTRY: dict[str, str] = {
-    "CartPole-v1": "diffgym.envs.cartpole:CartPole",
-    "Pendulum-v1": "diffgym.envs.pendulum:Pendulum",
-    "Trebuchet-v0": "diffgym.envs.trebuchet:Trebuchet",
-}
-
-#: Short names accepted wherever an env id is (the CLI's ``--env cartpole``).
-ALIASES: dict[str, str] = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "trebuchet": "Trebuchet-v0"}
-
-
-def registered_envs() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def resolve_env_id(name: str) -> str:
-    """Map a short name or an id (``diffgym/`` prefix allowed) to a registered id, or raise.
-
-    The error lists the known ids and suggests the closest match.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"env id must be a string, got {name!r} of type {type(name).__name__}")
-    bare = name.removeprefix("diffgym/")
-    if bare in _REGISTRY:
-        return bare
-    if bare.lower() in ALIASES:
-        return ALIASES[bare.lower()]
-    known = list(_REGISTRY) + list(ALIASES)
-    # The case-blind retry suggests the registered spelling, not its lower-case form (which would
-    # not resolve: "CARTPOLE-V1" must hint "CartPole-v1", not "cartpole-v1").
-    by_lower = {k.lower(): k for k in known}
-    close = difflib.get_close_matches(bare, known, n=1, cutoff=0.4) or [
-        by_lower[k] for k in difflib.get_close_matches(bare.lower(), list(by_lower), n=1, cutoff=0.4)
-    ]
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown diffgym environment {name!r}.{hint} Known: {', '.join(known)}.")
-
-
-def make(name: str, **kwargs) -> tuple[Environment, EnvParams]:
-    """Create a functional environment: returns ``(env, env.default_params)``, as ``gymnax.make``."""
-    module_name, _, attr = _REGISTRY[resolve_env_id(name)].partition(":")
-    env = getattr(importlib.import_module(module_name), attr)(**kwargs)
-    return env, env.default_params

@@ -1,8 +1,7 @@
 """Gymnasium shells around diffgym's functional environments, and their registration.
 
-``import diffgym`` registers ``diffgym/CartPole-v1``, ``diffgym/Pendulum-v1`` and
-``diffgym/Trebuchet-v0`` with string entry points, so nothing below is imported until an env is
-made::
+``import diffgym`` registers ``diffgym/<id>`` for every registered ``EnvSpec`` (``CartPole-v1``,
+``Pendulum-v1``, ...) with string entry points, so the shells load on the first ``make``::
 
     env = gymnasium.make("diffgym/CartPole-v1", render_mode="rgb_array")
     envs = gymnasium.make_vec("diffgym/CartPole-v1", num_envs=8)   # one jitted call per step
@@ -37,16 +36,10 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from diffgym.core import Box, Discrete, Environment, EnvParams, make, resolve_env_id
+from diffgym.core import Box, Discrete, Environment, EnvParams
+from diffgym.registry import EnvSpec, make, resolve_env_id
 
-__all__ = ["DiffgymEnv", "DiffgymVectorEnv", "GYMNASIUM_SPECS", "register_envs", "trace_counts"]
-
-#: gymnasium registration arguments per functional env id, gymnasium's own values where it has the env.
-GYMNASIUM_SPECS: dict[str, dict[str, Any]] = {
-    "CartPole-v1": {"max_episode_steps": 500, "reward_threshold": 475.0},
-    "Pendulum-v1": {"max_episode_steps": 200},
-    "Trebuchet-v0": {"max_episode_steps": 1},
-}
+__all__ = ["DiffgymEnv", "DiffgymVectorEnv", "register_with_gymnasium", "trace_counts"]
 
 #: How many times each compiled kernel was traced, keyed by ``(env name, kernel name)``. A kernel
 #: is traced once per (env, params) and action dtype; a count that grows while stepping is a bug.
@@ -55,19 +48,33 @@ trace_counts: collections.Counter = collections.Counter()
 RENDER_MODES = (None, "human", "rgb_array")
 
 
-def register_envs() -> None:
-    """Register ``diffgym/<id>`` with gymnasium for every id in ``GYMNASIUM_SPECS`` (idempotent)."""
-    for env_id, spec in GYMNASIUM_SPECS.items():
-        gym_id = f"diffgym/{env_id}"
-        if gym_id in gymnasium.registry:
-            continue
-        gymnasium.register(
-            id=gym_id,
-            entry_point="diffgym.gym:DiffgymEnv",
-            vector_entry_point="diffgym.gym:DiffgymVectorEnv",
-            kwargs={"env_id": env_id},
-            **spec,
-        )
+def register_with_gymnasium(spec: EnvSpec) -> None:
+    """Register ``diffgym/<id>`` with gymnasium from the env's ``EnvSpec`` (string entry points:
+    the shells load on the first ``gymnasium.make``). Re-registering replaces the entry."""
+    values = dict(spec.gymnasium)
+    if "max_episode_steps" not in values:
+        env = spec.env_class()(**spec.kwargs)
+        values["max_episode_steps"] = int(env.default_params.max_steps_in_episode)
+    values.setdefault("reward_threshold", spec.reward_threshold)
+    gym_id = f"diffgym/{spec.id}"
+    gymnasium.registry.pop(gym_id, None)
+    gymnasium.register(
+        id=gym_id,
+        entry_point="diffgym.gym:DiffgymEnv",
+        vector_entry_point="diffgym.gym:DiffgymVectorEnv",
+        kwargs={"env_id": spec.id},
+        **values,
+    )
+
+
+def _render_fps(env: Environment) -> int:
+    """The frame rate of ``env``'s renderer (30 when it has none: ``render()`` then says so)."""
+    from diffgym.render import renderer_class
+
+    try:
+        return int(renderer_class(env).render_fps)
+    except NotImplementedError:
+        return 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +435,7 @@ class DiffgymEnv(gymnasium.Env):
         self.env_id, self.functional_env, default_params = _functional_env(env_id, env_kwargs)
         self.params = default_params if params is None else params
         self.render_mode = render_mode
-        self.metadata = {**type(self).metadata, "render_fps": self.functional_env.render_fps}
+        self.metadata = {**type(self).metadata, "render_fps": _render_fps(self.functional_env)}
         self.observation_space = to_gymnasium_space(self.functional_env.observation_space(self.params))
         self.action_space = to_gymnasium_space(self.functional_env.action_space(self.params))
         self._kernels: _SingleKernels = _kernels(_SingleKernels, self.functional_env, self.params)
@@ -542,7 +549,9 @@ class DiffgymEnv(gymnasium.Env):
         if self._buffer is None:
             raise ResetNeeded(f"{self._name}: call reset() before render()")
         if self._renderer is None:
-            self._renderer = self.functional_env.renderer()
+            from diffgym.render import make_renderer
+
+            self._renderer = make_renderer(self.functional_env)
         frames = self._renderer.frames(self.state, self.params)
         if self.render_mode == "rgb_array":
             return frames[-1]
@@ -697,7 +706,7 @@ class DiffgymVectorEnv(VectorEnv):
             self.params.max_steps_in_episode if max_episode_steps is None else max_episode_steps
         )
         self.render_mode = render_mode
-        self.metadata = {**type(self).metadata, "render_fps": self.functional_env.render_fps}
+        self.metadata = {**type(self).metadata, "render_fps": _render_fps(self.functional_env)}
         self._name = self.functional_env.name
         self.single_observation_space = to_gymnasium_space(self.functional_env.observation_space(self.params))
         self.single_action_space = to_gymnasium_space(self.functional_env.action_space(self.params))
@@ -760,7 +769,9 @@ class DiffgymVectorEnv(VectorEnv):
         if self._buffer is None:
             raise ResetNeeded(f"{self._name} vector env: call reset() before render()")
         if self._renderer is None:
-            self._renderer = self.functional_env.renderer()
+            from diffgym.render import make_renderer
+
+            self._renderer = make_renderer(self.functional_env)
         states = self.states
         return tuple(
             self._renderer.frames(jax.tree.map(lambda leaf: leaf[i], states), self.params)[-1]

@@ -18,7 +18,7 @@ BUNDLED = {"cartpole": ("CartPole-v1", 475.0), "pendulum": ("Pendulum-v1", -200.
 
 def _bundled(name):
     if not (ASSETS_DIR / name / "policy.json").exists():
-        pytest.fail(f"no controller bundled in assets/{name}/")
+        pytest.fail(f"no controller bundled in agents/assets/{name}/")
     return ASSETS_DIR / name
 
 

@@ -13,7 +13,7 @@ import diffgym
 from diffgym.envs.cartpole import CartPoleParams, CartPoleState
 from diffgym.envs.pendulum import PendulumState
 from diffgym.gym import DiffgymEnv
-from diffgym.render import Window
+from diffgym.render import Window, make_renderer, renderer_class
 from diffgym.render.cartpole import POLE_COLOR
 from diffgym.render.pendulum import ROD_COLOR
 
@@ -25,7 +25,7 @@ def cartpole_frame(x=0.0, theta=0.0, params=None) -> np.ndarray:
     zero = np.float32(0)
     x, theta = np.float32(x), np.float32(theta)
     state = CartPoleState(x=x, x_dot=zero, theta=theta, theta_dot=zero, time=np.int32(0))
-    (frame,) = env.renderer().frames(state, default_params if params is None else params)
+    (frame,) = make_renderer(env).frames(state, default_params if params is None else params)
     return frame
 
 
@@ -34,7 +34,7 @@ def pendulum_frame(theta=0.0, last_u=0.0) -> np.ndarray:
     state = PendulumState(
         theta=np.float32(theta), theta_dot=np.float32(0), last_u=np.float32(last_u), time=np.int32(0)
     )
-    (frame,) = env.renderer().frames(state, params)
+    (frame,) = make_renderer(env).frames(state, params)
     return frame
 
 
@@ -133,7 +133,7 @@ def test_shell_render_after_reset_and_step_shows_the_current_state(env_id, shape
         env.step(action)
     after = env.render()
     assert not np.array_equal(first, after)
-    (expected,) = env.unwrapped.functional_env.renderer().frames(env.unwrapped.state, env.unwrapped.params)
+    (expected,) = make_renderer(env.unwrapped.functional_env).frames(env.unwrapped.state, env.unwrapped.params)
     np.testing.assert_array_equal(after, expected)
     env.close()
     env.close()  # closing twice is allowed
@@ -156,7 +156,7 @@ def test_bad_render_mode_is_refused():
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_human_mode_runs_headless(env_id):
     env = gymnasium.make(f"diffgym/{env_id}", render_mode="human")
-    assert env.metadata["render_fps"] == env.unwrapped.functional_env.render_fps
+    assert env.metadata["render_fps"] == renderer_class(env.unwrapped.functional_env).render_fps
     env.reset(seed=0)
     env.action_space.seed(0)
     for _ in range(3):
@@ -195,4 +195,4 @@ def test_missing_pygame_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pygame", None)  # makes `import pygame` raise ImportError
     env, _ = diffgym.make("CartPole-v1")
     with pytest.raises(ImportError, match=r"pip install 'diffgym\[render\]'"):
-        env.renderer()
+        make_renderer(env)

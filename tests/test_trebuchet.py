@@ -13,6 +13,7 @@ import pytest
 
 import diffgym
 from diffgym.envs import trebuchet as T
+from diffgym.render import make_renderer
 
 POUND = 0.45359237
 
@@ -228,7 +229,7 @@ def test_env_reward_gradient_through_step_env(key):
 def test_renderer_frames_change_over_the_shot(key):
     env, params = diffgym.make("Trebuchet-v0")
     _, state = env.reset(key, params)
-    renderer = env.renderer(width=320, height=160)
+    renderer = make_renderer(env, width=320, height=160)
     assert renderer.render_fps == 60
     resting = renderer.frames(state, params)
     assert len(resting) == 1 and resting[0].shape == (160, 320, 3) and resting[0].dtype == np.uint8

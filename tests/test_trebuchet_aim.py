@@ -124,10 +124,10 @@ def test_default_training_meets_the_accuracy_goal():
 
 
 def test_bundled_network_loads_and_aims(tmp_path):
-    """assets/trebuchet holds a trained network with its metrics; it aims through load_policy."""
+    """agents/assets/trebuchet holds a trained network with its metrics; it aims through load_policy."""
     from pathlib import Path
 
-    directory = Path(__file__).resolve().parents[1] / "assets" / "trebuchet"
+    directory = Path(__file__).resolve().parents[1] / "agents" / "assets" / "trebuchet"
     if not (directory / "policy.json").exists():
         pytest.skip("no bundled aiming network")
     act = load_policy(directory)

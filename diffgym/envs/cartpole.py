@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState, pytree_dataclass, uniform
+from diffgym.registry import EnvSpec
+from diffgym.task import Task
 
 
 @pytree_dataclass
@@ -81,7 +84,6 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
 
     deterministic_transition = True
     observation_is_state_function = True
-    render_fps = 50
 
     @property
     def default_params(self) -> CartPoleParams:
@@ -159,7 +161,43 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
         )
         return Box(-high, high, (4,), jnp.float32)
 
-    def renderer(self, *, width: int = 600, height: int = 400):
-        from diffgym.render.cartpole import CartPoleRenderer
 
-        return CartPoleRenderer(width=width, height=height)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CartPoleTask(Task):
+    """Training CartPole by gradient: the reward is 1 per step until the pole falls, a constant
+    with no gradient, so training needs a surrogate. The one documented here is a **termination
+    penalty**: smooth costs for nearing the thresholds at which an episode terminates, scored on
+    the state each action leads to.
+
+    Terms (weights are fields, 0: off):
+
+    * ``angle``: ``(theta / theta_threshold_radians)^2``, 1 at the 12 degree threshold.
+    * ``position``: ``(x / x_threshold)^2``, 1 at the 2.4 m threshold.
+    * ``speed``: ``(x_dot / 2 m/s)^2 + (theta_dot / 2 rad/s)^2``.
+
+    Actions relax with the straight-through Bernoulli (``Task.relaxed_action``): the env takes
+    any real ``a`` in [0, 1] and is affine in it, so the forward pass is gymnasium's 0/1.
+    """
+
+    angle: float = 0.0
+    position: float = 0.0
+    speed: float = 0.0
+
+    def terms(self, params: CartPoleParams, state, action, next_state: CartPoleState) -> dict[str, jax.Array]:
+        return {
+            "angle": (next_state.theta / params.theta_threshold_radians) ** 2,
+            "position": (next_state.x / params.x_threshold) ** 2,
+            "speed": (next_state.x_dot / 2.0) ** 2 + (next_state.theta_dot / 2.0) ** 2,
+        }
+
+
+SPEC = EnvSpec(
+    id="CartPole-v1",
+    entry_point=CartPole,
+    alias="cartpole",
+    reward_threshold=475.0,
+    eval_episodes=20,
+    # x (m), x_dot (m/s), theta (rad: the 12 degree threshold), theta_dot (rad/s)
+    obs_scale=(2.4, 2.0, 0.21, 2.0),
+    task=CartPoleTask,
+)
