@@ -1,4 +1,4 @@
-"""What every trainer returns, and the two evaluators.
+"""What every trainer shares: the result type, env resolution, compile caches and the evaluators.
 
 ``evaluate`` runs whole episodes on the functional env (jitted, vmapped, hard actions, true
 reward): cheap enough for learning curves. ``evaluate_gymnasium`` runs the same policy on the
@@ -8,8 +8,10 @@ tests make the two agree.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
+import tomllib
+from pathlib import Path
 from typing import Any, Callable
 
 import equinox as eqx
@@ -18,26 +20,31 @@ import jax.numpy as jnp
 import numpy as np
 
 import diffgym
-from agents.policy import Policy
+from diffgym.registry import did_you_mean
+
+#: Bundled per-env files (controllers, tuned hyper-parameters): ``assets/<alias>/``.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+HYPERPARAMS_FILE = "hyperparams.toml"
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """A trained policy and how it got there.
+    """What every trainer returns: a trained policy and how it got there.
 
     Attributes:
-        policy: the trained network (``policy(obs)`` is the hard action).
+        policy: the trained controller; ``policy(obs)`` is the hard action (an
+            ``agents.policy.Policy``, or a numpy callable for Stable-Baselines3's).
         spec: ``Policy`` constructor arguments (for ``save_policy``).
         env_steps: simulated env steps consumed by training (every step of every parallel
             rollout counts; evaluation episodes do not).
         wall_seconds: training wall time, compilation included.
         compile_seconds: the part of ``wall_seconds`` spent compiling.
         curve: learning curve, one dict per evaluation point with at least ``env_steps``,
-            ``wall_seconds`` and ``eval_return`` (mean over the functional evaluation episodes).
-        extra: trainer-specific facts worth logging.
+            ``wall_seconds`` and ``eval_return`` (mean over the evaluation episodes).
+        extra: trainer-specific facts worth logging (always ``algo`` and ``config``).
     """
 
-    policy: Policy
+    policy: Any
     spec: dict
     env_steps: int
     wall_seconds: float
@@ -45,71 +52,173 @@ class TrainResult:
     curve: list[dict]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def to_threshold(self, threshold: float) -> tuple[int | None, float | None]:
+        """``(env_steps, wall_seconds)`` of the first curve point after training started whose
+        ``eval_return`` reaches ``threshold``; ``(None, None)`` if none does."""
+        for point in self.curve:
+            if point["env_steps"] > 0 and point["eval_return"] >= threshold:
+                return int(point["env_steps"]), float(point["wall_seconds"])
+        return None, None
+
 
 ProgressFn = Callable[[dict], None]
+RenderFn = Callable[[Any], None]
 
 
-def evaluate(env_id: str, policy: Callable, *, key: jax.Array, episodes: int, params=None) -> np.ndarray:
+# --------------------------------------------------------------------------------------------
+# Environments and their tuned settings
+# --------------------------------------------------------------------------------------------
+def resolve_env(env, env_params=None) -> tuple[diffgym.Environment, Any, diffgym.EnvSpec]:
+    """``(env, params, spec)`` for an id, an alias or an ``Environment`` instance (a user's own or
+    wrapped env trains too); ``params`` default to the env's own."""
+    if isinstance(env, diffgym.Environment):
+        instance, params = env, env.default_params
+    else:
+        instance, params = diffgym.make(env)
+    return instance, params if env_params is None else env_params, diffgym.spec(instance)
+
+
+def tuned_settings(env, algo: str) -> dict | None:
+    """The ``[algo]`` table of the env's bundled ``hyperparams.toml`` (``assets/<alias>/``), or
+    None when the env has no tuned settings for that trainer."""
+    path = ASSETS_DIR / diffgym.spec(env).short_name / HYPERPARAMS_FILE
+    if not path.exists():
+        return None
+    with path.open("rb") as file:
+        return tomllib.load(file).get(algo)
+
+
+def config_from_settings(config_type: type, settings: dict, *, where: str):
+    """``config_type(**settings)``; an unknown key is an error naming the file and the closest field."""
+    fields = [f.name for f in dataclasses.fields(config_type)]
+    unknown = [k for k in settings if k not in fields]
+    if unknown:
+        hints = "".join(did_you_mean(k, fields) for k in unknown)
+        raise ValueError(f"{where}: {config_type.__name__} has no field {', '.join(map(repr, unknown))}.{hints}")
+    return config_type(**settings)
+
+
+def env_cache_key(env: diffgym.Environment, params) -> tuple:
+    """A hashable identity of an env configuration and its params (compile-cache keys)."""
+    return (type(env).__module__, type(env).__qualname__, repr(sorted(vars(env).items())), repr(params))
+
+
+class BoundedCache:
+    """A least-recently-used mapping of at most ``size`` entries: compiled functions of a sweep
+    over many configs must not pile up for the whole process."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key, build: Callable[[], Any]) -> tuple[Any, bool]:
+        """``(value, was_cached)``; builds and stores the value on a miss."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key], True
+        value = self._items[key] = build()
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value, False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+_EVALUATORS = BoundedCache(16)
+
+
+def evaluate(env, policy: Callable, *, key: jax.Array, episodes: int, params=None) -> np.ndarray:
     """Returns of ``episodes`` whole episodes on the functional env, in parallel.
 
-    ``policy(obs)`` must return the hard action. An episode ends at the first termination or at
-    the time limit; rewards after it are not counted.
+    ``env`` is an id or an ``Environment``; ``policy(obs)`` must return the hard action. An
+    episode ends at the first termination or at the time limit; rewards after it are not
+    counted. Every episode's reset and every step get keys of their own (a noisy env draws
+    independent noise on every step).
     """
-    env_id = diffgym.resolve_env_id(env_id)
-    params = _env(env_id).default_params if params is None else params
-    run = _evaluator(env_id, int(episodes), int(params.max_steps_in_episode))
-    return np.asarray(run(policy, key, params))
+    run, _ = evaluator(env, episodes=episodes, params=params)
+    return np.asarray(run(policy, key))
 
 
-@functools.lru_cache(maxsize=None)
-def _env(env_id: str):
-    return diffgym.make(env_id)[0]
+def evaluator(env, *, episodes: int, params=None) -> tuple[Callable, bool]:
+    """``(run(policy, key) -> returns, was_compiled_before)``: the cached evaluator of ``evaluate``.
+
+    Cached per (env, params, episodes): a fresh jitted closure per call would recompile every
+    evaluation (about 2 s each for CartPole), which dominates a learning curve's cost."""
+    env, params, _ = resolve_env(env, params)
+    episodes, max_steps = int(episodes), int(params.max_steps_in_episode)
+
+    def build():
+        @eqx.filter_jit
+        def run(policy, key):
+            def episode(key):
+                key_reset, key_steps = jax.random.split(key)
+                obs, state = env.reset(key_reset, params)
+
+                def body(carry, step_key):
+                    obs, state, alive, total = carry
+                    obs, state, reward, terminated, _ = env.step_env(step_key, state, policy(obs), params)
+                    total = total + jnp.where(alive, reward, 0.0)
+                    alive = alive & ~terminated
+                    return (obs, state, alive, total), None
+
+                init = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
+                (_, _, _, total), _ = jax.lax.scan(body, init, jax.random.split(key_steps, max_steps))
+                return total
+
+            return jax.vmap(episode)(jax.random.split(key, episodes))
+
+        return run
+
+    return _EVALUATORS.get((env_cache_key(env, params), episodes), build)
 
 
-# Cached per (env, episodes, horizon): a fresh jitted closure per call would recompile every
-# evaluation (about 2 s each for CartPole), which dominates a learning curve's cost.
-@functools.lru_cache(maxsize=None)
-def _evaluator(env_id: str, episodes: int, max_steps: int):
-    env = _env(env_id)
-
-    @eqx.filter_jit
-    def run(policy, key, params):
-        def episode(key):
-            obs, state = env.reset(key, params)
-
-            def body(carry, _):
-                obs, state, alive, total = carry
-                obs, state, reward, terminated, _ = env.step_env(key, state, policy(obs), params)
-                total = total + jnp.where(alive, reward, 0.0)
-                alive = alive & ~terminated
-                return (obs, state, alive, total), None
-
-            init = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
-            (_, _, _, total), _ = jax.lax.scan(body, init, None, length=max_steps)
-            return total
-
-        return jax.vmap(episode)(jax.random.split(key, episodes))
-
-    return run
-
-
-def evaluate_gymnasium(
-    policy: Callable[[np.ndarray], Any], env_id: str, *, episodes: int, seed: int
-) -> np.ndarray:
-    """Returns of ``episodes`` episodes of ``policy`` (numpy in, action out) on the gymnasium env."""
+def evaluate_gymnasium(policy: Callable[[np.ndarray], Any], env, *, episodes: int, seed: int, params=None) -> np.ndarray:
+    """Returns of ``episodes`` episodes of ``policy`` (numpy in, action out) on the gymnasium
+    shell of ``env`` (an id or an ``Environment``), with gymnasium's time limit."""
     import gymnasium
 
-    env = gymnasium.make(f"diffgym/{diffgym.resolve_env_id(env_id)}")
+    from diffgym.gym import DiffgymEnv
+
+    instance, params, _ = resolve_env(env, params)
+    shell = gymnasium.wrappers.TimeLimit(
+        DiffgymEnv(instance, params=params), max_episode_steps=int(params.max_steps_in_episode)
+    )
     returns = []
     try:
         for episode in range(episodes):
-            obs, _ = env.reset(seed=seed + episode)
+            obs, _ = shell.reset(seed=seed + episode)
             total, done = 0.0, False
             while not done:
-                obs, reward, terminated, truncated, _ = env.step(policy(obs))
+                obs, reward, terminated, truncated, _ = shell.step(policy(obs))
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)
     finally:
-        env.close()
+        shell.close()
     return np.asarray(returns)
+
+
+def numpy_policy(policy) -> Callable[[np.ndarray], Any]:
+    """A jitted ``numpy obs -> gymnasium action`` for an ``agents.policy.Policy`` (int for a
+    discrete head, float32 array for a box); other callables (SB3's) pass through."""
+    from agents.policy import Policy
+
+    if not isinstance(policy, Policy):
+        return policy
+    weights, static = eqx.partition(policy, eqx.is_array)
+    act = _act(static)
+    if policy.discrete:
+        return lambda obs: int(act(weights, np.asarray(obs, np.float32)))
+    return lambda obs: np.asarray(act(weights, np.asarray(obs, np.float32)), np.float32)
+
+
+_ACTORS = BoundedCache(16)
+
+
+def _act(static):
+    """The jitted hard action of a policy skeleton, shared by every policy of that shape."""
+    return _ACTORS.get(static, lambda: jax.jit(lambda weights, obs: eqx.combine(weights, static)(obs)))[0]

@@ -4,12 +4,17 @@ A ``Policy`` is an equinox module: an MLP from observation to a raw output, and 
 that turns the raw output into the env's action. Every trainer (BPTT, PPO) returns one, so one
 checkpoint format and one ``load_policy`` serve them all.
 
-Action heads (``kind``):
+Action heads (``kind``), chosen from the env's action space by ``policy_spec``:
 
-* ``"bernoulli"`` — two discrete actions; the raw output is the logit of action 1. Hard action
-  ``1[logit > 0]``; ``relaxed`` is the straight-through action in {0., 1.} with a sigmoid gradient.
+* ``"bernoulli"`` — ``Discrete(2)``; the raw output is the logit of action 1, the hard action
+  ``1[logit > 0]``.
+* ``"categorical"`` — ``Discrete(n)``, ``n > 2``; the raw output holds ``n`` logits, the hard action
+  is their argmax.
 * ``"box"`` — continuous actions in ``[low, high]``; the raw output is squashed by ``tanh`` and
   scaled, so the action is always inside the box and smooth in the weights.
+
+The relaxed (differentiable) action of a raw output is the env task's business
+(``diffgym.task.Task.relaxed_action``); its forward pass is this module's hard action.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffgym.discrete import straight_through_bernoulli
+import diffgym
 
+KINDS = ("bernoulli", "categorical", "box")
 CHECKPOINT_WEIGHTS = "policy.eqx"
 CHECKPOINT_SPEC = "policy.json"
 
@@ -36,8 +42,9 @@ class Policy(eqx.Module):
 
     Args:
         obs_size: length of the observation vector.
-        action_size: 1 for ``"bernoulli"``; the action vector's length for ``"box"``.
-        kind: ``"bernoulli"`` or ``"box"``.
+        action_size: 1 for ``"bernoulli"``, the number of actions for ``"categorical"``, the
+            action vector's length for ``"box"``.
+        kind: ``"bernoulli"``, ``"categorical"`` or ``"box"``.
         low, high: the box bounds (``"box"`` only), one per action dimension.
         width, depth: hidden layer width and number of hidden layers.
         key: PRNG key for the initial weights.
@@ -61,8 +68,8 @@ class Policy(eqx.Module):
         activation: str = "tanh",
         key: jax.Array,
     ):
-        if kind not in ("bernoulli", "box"):
-            raise ValueError(f"Policy kind must be 'bernoulli' or 'box', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"Policy kind must be one of {KINDS}, got {kind!r}")
         if kind == "box" and not (len(low) == len(high) == action_size):
             raise ValueError(f"a box policy needs {action_size} low/high bounds, got low={low}, high={high}")
         self.mlp = eqx.nn.MLP(
@@ -76,54 +83,61 @@ class Policy(eqx.Module):
         """The network's output for one observation: shape ``(action_size,)``."""
         return self.mlp(obs)
 
-    def relaxed(self, obs: jax.Array, temperature: float = 1.0, *, inward_gradient: bool = False) -> jax.Array:
-        """The action with a gradient: straight-through 0./1. (bernoulli) or the squashed box action.
-
-        ``inward_gradient`` (box only) changes the squash's gradient, not its value: see
-        ``inward_tanh``. A trainer whose best actions lie on the box's faces (bang-bang torques)
-        otherwise finds its saturated outputs stuck there, with a vanishing gradient, even when the
-        loss asks for the opposite face.
-        """
-        out = self.raw(obs)
-        if self.kind == "bernoulli":
-            return straight_through_bernoulli(out[0], temperature)
-        return self._squash(out, inward_tanh if inward_gradient else jnp.tanh)
-
     def __call__(self, obs: jax.Array) -> jax.Array:
-        """The deterministic hard action: int32 0/1 (bernoulli) or a float vector in the box."""
+        """The deterministic hard action: int32 0/1 (bernoulli), the int32 argmax (categorical) or
+        a float vector in the box."""
         out = self.raw(obs)
         if self.kind == "bernoulli":
             return (out[0] > 0).astype(jnp.int32)
-        return self._squash(out)
+        if self.kind == "categorical":
+            return jnp.argmax(out).astype(jnp.int32)
+        return self.squash(out)
 
-    def _squash(self, out: jax.Array, tanh: Callable[[jax.Array], jax.Array] = jnp.tanh) -> jax.Array:
+    @property
+    def discrete(self) -> bool:
+        return self.kind != "box"
+
+    def squash(self, out: jax.Array) -> jax.Array:
+        """A raw output mapped into the box: ``low + (high - low) (tanh(out) + 1) / 2``."""
         low, high = jnp.asarray(self.low), jnp.asarray(self.high)
-        return low + (high - low) * (tanh(out) + 1.0) / 2.0
+        return low + (high - low) * (jnp.tanh(out) + 1.0) / 2.0
 
 
-@jax.custom_vjp
-def inward_tanh(x: jax.Array) -> jax.Array:
-    """``tanh(x)`` whose gradient does not vanish on the way back from saturation.
+def policy_spec(env, params, *, width: int, depth: int, activation: str = "tanh") -> dict:
+    """The ``Policy`` constructor arguments for ``env``'s spaces (what ``save_policy`` stores):
+    the head is chosen from the action space, as every trainer does."""
+    obs_size = int(np.prod(env.observation_space(params).shape))
+    space = env.action_space(params)
+    common = {"obs_size": obs_size, "width": width, "depth": depth, "activation": activation}
+    if isinstance(space, diffgym.Discrete):
+        if space.n < 2:
+            raise ValueError(f"{env.name} has {space.n} action; a policy needs at least 2 to choose from")
+        if space.n == 2:
+            return {**common, "action_size": 1, "kind": "bernoulli", "low": (), "high": ()}
+        return {**common, "action_size": space.n, "kind": "categorical", "low": (), "high": ()}
+    if isinstance(space, diffgym.Box):
+        low = tuple(float(v) for v in np.ravel(space.low))
+        high = tuple(float(v) for v in np.ravel(space.high))
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise ValueError(f"a box policy needs a bounded action box; {env.name} has {space}")
+        return {**common, "action_size": len(low), "kind": "box", "low": low, "high": high}
+    raise TypeError(f"unsupported action space {space!r} of {env.name}: diffgym's Discrete and Box are")
 
-    Forward: exactly ``tanh``. Backward: the cotangent ``g`` passes with slope 1 where a gradient
-    step (``x -= lr * g``) moves ``tanh(x)`` towards 0 (``g * tanh(x) > 0``), and with ``tanh'(x) =
-    1 - tanh(x)^2`` where it pushes further into saturation. A saturated output that the loss wants
-    reversed is reversed at the pace of an unsaturated one; one the loss wants pushed further
-    still saturates as with ``tanh`` (its raw value does not run away).
-    """
-    return jnp.tanh(x)
 
-
-def _inward_tanh_fwd(x):
-    t = jnp.tanh(x)
-    return t, t
-
-
-def _inward_tanh_bwd(t, g):
-    return (jnp.where(g * t > 0, 1.0, 1.0 - t**2) * g,)
-
-
-inward_tanh.defvjp(_inward_tanh_fwd, _inward_tanh_bwd)
+def fold_standardisation(policy: Policy, mean, scale) -> Policy:
+    """The policy that acts on raw observations when ``policy`` was trained on ``(obs - mean) /
+    scale``: ``W (obs - m) / s + b == (W / s) obs + (b - (W / s) m)``, folded into the first
+    layer in numpy (no kernel to compile). ``mean=None`` is 0."""
+    first = policy.mlp.layers[0]
+    weight = np.asarray(first.weight) / np.asarray(scale, np.float32)
+    bias = np.asarray(first.bias)
+    if mean is not None:
+        bias = bias - weight @ np.asarray(mean, np.float32)
+    return eqx.tree_at(
+        lambda p: (p.mlp.layers[0].weight, p.mlp.layers[0].bias),
+        policy,
+        (jnp.asarray(weight, first.weight.dtype), jnp.asarray(bias, first.bias.dtype)),
+    )
 
 
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "elu": jax.nn.elu, "softplus": jax.nn.softplus}
@@ -196,7 +210,7 @@ def load_policy(directory: str | os.PathLike) -> Callable[[np.ndarray], int | np
     policy, header = load_policy_module(directory)
     weights, static = eqx.partition(policy, eqx.is_array)
     act = jax.jit(lambda weights, obs: eqx.combine(weights, static)(obs))
-    discrete = policy.kind == "bernoulli"
+    discrete = policy.discrete
 
     def act_numpy(obs: np.ndarray) -> int | np.ndarray:
         action = np.asarray(act(weights, np.asarray(obs, np.float32)))
