@@ -241,7 +241,8 @@ class Environment(Generic[TState, TParams]):
 
         Returns ``(obs, state, reward, terminated, truncated, info)``; where the episode ended
         (``terminated | truncated``) ``obs`` and ``state`` are a fresh reset and the last
-        observation of the finished episode is ``info["final_observation"]``.
+        observation and state of the finished episode are ``info["final_observation"]`` and
+        ``info["final_state"]`` (unused entries cost nothing under ``jit``).
         """
         if params is None:
             params = self.default_params
@@ -258,7 +259,13 @@ class Environment(Generic[TState, TParams]):
             obs = self.get_obs(state, params)
         else:
             obs = jax.tree.map(lambda r, s: jnp.where(done, r, s), obs_re, obs_st)
-        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs_st}
+        info = {
+            **info,
+            "terminated": terminated,
+            "truncated": truncated,
+            "final_observation": obs_st,
+            "final_state": state_st,
+        }
         return obs, state, reward, terminated, truncated, info
 
     def reset(self, key: jax.Array, params: TParams | None = None) -> tuple[jax.Array, TState]:
