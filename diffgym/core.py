@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, dataclass_transform
 
 import jax
 import jax.extend
@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def pytree_dataclass(cls):
+_DataclassT = TypeVar("_DataclassT")
+
+
+# dataclass_transform tells type checkers (mypy, pyright) that the decorated class gets a
+# keyword-only, frozen dataclass __init__, so ``CartPoleState(x=...)`` type-checks.
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(dataclasses.field,))
+def pytree_dataclass(cls: type[_DataclassT]) -> type[_DataclassT]:
     """Make ``cls`` a frozen dataclass whose fields are all pytree leaves.
 
     ``dataclasses.replace`` works on the result, and a batch of them (one leading axis on every
