@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[render,test]'
+	$(BIN)/pip install --quiet -e '.[render,train,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +38,7 @@ BENCH_STAMP := .venv-bench/.installed
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install --quiet --upgrade pip
-	.venv-bench/bin/pip install --quiet -e '.[render,test,bench]'
+	.venv-bench/bin/pip install --quiet -e '.[render,train,test,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -10,21 +10,21 @@
 Training writes ``DIR/policy.json`` + ``DIR/policy.eqx`` (load with ``agents.load_policy(DIR)``)
 and ``DIR/metrics.json``; the returns it reports come from the gymnasium env with hard actions
 and the true reward. Every hyper-parameter lives in the algorithm's config dataclass
-(``agents.bptt.BPTTConfig``, ``agents.ppo.PPOConfig``); the CLI exposes each field as
-``--config.<field>``, and ``run_training`` takes the same dataclass from Python.
+(``agents.bptt.BPTTConfig``, ``agents.ppo.PPOConfig``, ``agents.trebuchet.AimingConfig``), with the
+env's tuned values as defaults; the CLI exposes each field as ``--config.<field>``, and
+``run_training`` takes the same dataclass from Python. The trainers are found through
+``agents.trainers`` and the envs through diffgym's registry: neither list is written here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
 
@@ -34,12 +34,9 @@ import diffgym
 
 PROG = "train-controller"
 
-#: The trainer behind each ``--algo``: a module with ``default_config(env_id)`` and
-#: ``train(env_id, config, *, seed, progress_fn, render_fn) -> TrainResult``.
-ALGORITHMS: dict[str, str] = {"bptt": "agents.bptt", "ppo": "agents.ppo"}
-
-#: Episodes of the gymnasium env behind ``eval_return_mean``/``eval_return_std``, per env.
-EVAL_EPISODES: dict[str, int] = {"CartPole-v1": 20, "Pendulum-v1": 100, "Trebuchet-v0": 1000}
+#: ``--algo`` choices: the trainers of ``agents.trainers`` whose result is a diffgym checkpoint
+#: (Stable-Baselines3's models run in ``compare`` only).
+ALGORITHMS: tuple[str, ...] = ("bptt", "ppo", "aiming")
 
 #: Evaluation episode ``k`` of a run with seed ``s`` resets with seed ``EVAL_SEED_OFFSET + 1000 s + k``:
 #: episodes the trainer never drew its own starts from, and the same ones for every algorithm.
@@ -55,7 +52,15 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------
 # Argument dataclasses (tyro turns each into a parser; their docstrings are the --help text)
 # --------------------------------------------------------------------------------------------
-_TRAIN_DESCRIPTION = """Train a controller; write DIR/policy.json, DIR/policy.eqx and DIR/metrics.json.
+def _env_list() -> str:
+    return ", ".join(f"{spec.short_name} ({env_id})" for env_id in diffgym.registered_envs() for spec in [diffgym.spec(env_id)])
+
+
+def _train_description() -> str:
+    return f"""Train a controller; write DIR/policy.json, DIR/policy.eqx and DIR/metrics.json.
+
+Environments: {_env_list()}.
+Algorithms: {", ".join(ALGORITHMS)} (default: the env's gradient trainer, bptt or aiming).
 
 The --config.* options below are those of the chosen --algo, with the defaults tuned for the
 chosen --env (e.g. `train-controller --env pendulum --algo ppo --help`).
@@ -67,17 +72,18 @@ Other commands: `train-controller play --help` (watch a controller live, or reco
 @dataclasses.dataclass
 class TrainArgs(Generic[ConfigT]):
     env: str
-    """Environment: cartpole, pendulum, trebuchet, or an id (CartPole-v1, diffgym/CartPole-v1)."""
+    """Environment: an alias or id from the list above (cartpole, CartPole-v1, diffgym/CartPole-v1)."""
     config: ConfigT
     """Hyper-parameters of the chosen algorithm (defaults tuned per env)."""
-    algo: str = "bptt"
-    """Training algorithm: bptt (backpropagation through time) or ppo."""
+    algo: str | None = None
+    """Training algorithm: bptt (backpropagation through time), ppo or aiming (the trebuchet's
+    aiming network); None: the env's gradient trainer."""
     seed: int = 0
     """Random seed (a non-negative integer): network initialisation and training rollouts."""
     out: Path | None = None
     """Output folder for the checkpoint and metrics.json; None: runs/<env>-<algo>-seed<seed>."""
     eval_episodes: int | None = None
-    """Gymnasium episodes of the final evaluation; None: 20 CartPole, 100 Pendulum, 1000 Trebuchet."""
+    """Gymnasium episodes of the final evaluation; None: the env's (its EnvSpec's eval_episodes)."""
     render: bool = False
     """Show rollouts of the current policy in a pygame window while it trains."""
     progress: bool = True
@@ -91,7 +97,7 @@ class PlayArgs:
     Without --policy, plays the controller bundled in agents/assets/<env>/ (no training needed)."""
 
     env: str | None = None
-    """Environment (cartpole, pendulum, trebuchet or an id); optional when --policy is given."""
+    """Environment (an alias or id); optional when --policy is given."""
     policy: Path | None = None
     """Checkpoint folder written by `train-controller --out DIR`; None: the bundled controller."""
     record: Path | None = None
@@ -113,81 +119,56 @@ class CompareArgs:
     compare_<env>.json to --out."""
 
     env: str
-    """Environment: cartpole, pendulum or trebuchet (or an id)."""
+    """Environment (an alias or id)."""
     seeds: int = 3
     """Number of seeds per algorithm (seeds 0 .. N-1)."""
     out: Path = Path("bench/results")
     """Output folder for the table, plot and JSON."""
-    algos: tuple[Literal["bptt", "ppo", "sb3"], ...] = ("bptt", "ppo", "sb3")
-    """Algorithms to compare (sb3 needs pip install 'diffgym[baselines]'; skipped without it)."""
+    algos: tuple[Literal["bptt", "bptt-reward", "ppo", "ppo-shaped", "sb3"], ...] = (
+        "bptt", "bptt-reward", "ppo", "ppo-shaped", "sb3"
+    )  # fmt: skip
+    """Rows to compare (bptt-reward: BPTT on the env's reward alone; ppo-shaped: PPO on BPTT's
+    shaped cost; sb3 needs pip install 'diffgym[baselines]' and is skipped without it)."""
     budgets: dict[str, int] = dataclasses.field(default_factory=dict)
     """Env-step budget per algorithm overriding its default, e.g. --budgets ppo 20000."""
     eval_episodes: int | None = None
-    """Gymnasium episodes of each final evaluation; None: 20 CartPole, 100 Pendulum, 500 Trebuchet shots."""
+    """Gymnasium episodes of each final evaluation; None: the env's (its EnvSpec's eval_episodes)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Training, callable from Python
 # --------------------------------------------------------------------------------------------
-def algorithm_module(algo: str, env_id: str):
-    """The trainer for ``algo`` on ``env_id``: an object with ``default_config(env_id)`` and
-    ``train(env_id, config, *, seed, progress_fn, render_fn)`` (imported lazily; UsageError if none)."""
+def algorithm_module(algo: str | None, env_id: str):
+    """The trainer module for ``--algo`` (``agents.trainers``; None: the env's gradient trainer);
+    UsageError for an unknown one or a missing extra."""
+    from agents import trainers
+
+    if algo is None:
+        algo = trainers.gradient_trainer(env_id)
     if algo not in ALGORITHMS:
         raise UsageError(f"unknown --algo {algo!r}; choose one of: {', '.join(ALGORITHMS)}")
-    if env_id == "Trebuchet-v0" and algo == "bptt":
-        # BPTT on the trebuchet is the aiming network trained through the simulator.
-        return _TrebuchetAiming(_import_trainer("agents.trebuchet", "training the trebuchet"))
-    return _import_trainer(ALGORITHMS[algo], f"--algo {algo}")
-
-
-def _import_trainer(module_name: str, what: str):
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        raise UsageError(f"{what} is not available ({module_name} is missing)") from None
+        return trainers.trainer(algo)
+    except ImportError as error:
+        raise UsageError(str(error)) from None
 
 
-class _TrebuchetAiming:
-    """``agents.trebuchet``'s aiming network behind the trainer interface of ``agents.bptt``.
-
-    Its ``train_aiming(config, *, seed, progress_fn)`` trains one network for every (target, wind)
-    by differentiating the landing distance; its config is the dataclass that function takes.
-    """
-
-    #: ``train_aiming`` has no hook to show snapshots (``--render``).
-    supports_render = False
-
-    def __init__(self, module):
-        self.module = module
-
-    def default_config(self, env_id: str):
-        if hasattr(self.module, "default_config"):
-            return self.module.default_config(env_id)
-        config_type = typing.get_type_hints(self.module.train_aiming)["config"]
-        return config_type()
-
-    def train(self, env_id: str, config, *, seed: int, progress_fn=None, render_fn=None):
-        return self.module.train_aiming(config, seed=seed, progress_fn=progress_fn)
-
-
-def default_config(env_id: str, algo: str):
+def default_config(env_id: str, algo: str | None = None):
     """The algorithm's config dataclass with its defaults for ``env_id``."""
     env_id = _resolve_env(env_id)
-    return _default_config(algorithm_module(algo, env_id), algo, env_id)
+    return _default_config(algorithm_module(algo, env_id), env_id)
 
 
-def _default_config(module, algo: str, env_id: str):
+def _default_config(module, env_id: str):
     try:
         return module.default_config(env_id)
     except ValueError as error:  # the trainer does not handle this env
-        raise UsageError(f"--algo {algo} cannot train {env_id}: {error}") from None
+        raise UsageError(f"--algo {module.NAME} cannot train {env_id}: {error}") from None
 
 
 def run_training(
     env: str,
-    algo: str = "bptt",
+    algo: str | None = None,
     *,
     seed: int = 0,
     out: str | os.PathLike | None = None,
@@ -200,11 +181,11 @@ def run_training(
 
     Args:
         env: env name or id.
-        algo: ``"bptt"`` or ``"ppo"``.
+        algo: ``"bptt"``, ``"ppo"`` or ``"aiming"``; None: the env's gradient trainer.
         seed: non-negative training seed.
         out: output folder (default ``runs/<env>-<algo>-seed<seed>``).
         config: the algorithm's config dataclass (default: ``default_config(env, algo)``).
-        eval_episodes: gymnasium evaluation episodes (default ``EVAL_EPISODES[env_id]``).
+        eval_episodes: gymnasium evaluation episodes (default: the env spec's ``eval_episodes``).
         render: show rollouts of the improving policy in a pygame window.
         progress: show a tqdm progress bar.
 
@@ -217,12 +198,13 @@ def run_training(
     env_id = _resolve_env(env)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
-    episodes = EVAL_EPISODES.get(env_id, 100) if eval_episodes is None else eval_episodes
+    episodes = diffgym.spec(env_id).eval_episodes if eval_episodes is None else eval_episodes
     if episodes < 1:
         raise UsageError(f"--eval-episodes must be at least 1, got {episodes}")
     module = algorithm_module(algo, env_id)
+    algo = module.NAME
     if config is None:
-        config = _default_config(module, algo, env_id)
+        config = _default_config(module, env_id)
     out = Path(out) if out is not None else default_out_dir(env_id, algo, seed)
 
     from agents.common import evaluate_gymnasium
@@ -278,9 +260,7 @@ def run_training(
 
 
 def default_out_dir(env_id: str, algo: str, seed: int) -> Path:
-    from agents.play import short_env_name
-
-    return Path("runs") / f"{short_env_name(env_id)}-{algo}-seed{seed}"
+    return Path("runs") / f"{diffgym.spec(env_id).short_name}-{algo}-seed{seed}"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -380,26 +360,23 @@ def _train_command(argv: list[str]) -> int:
     # they are read first; tyro then parses everything, --help included.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env")
-    pre.add_argument("--algo", default="bptt")
+    pre.add_argument("--algo", default=None)
     known, _ = pre.parse_known_args(argv)
     wants_help = any(a in ("-h", "--help") for a in argv)
     if known.env is None and not wants_help:
-        raise UsageError(
-            "--env is required (cartpole, pendulum, trebuchet or an id such as CartPole-v1); "
-            f"see `{PROG} --help`"
-        )
+        raise UsageError(f"--env is required: one of {_env_list()}; see `{PROG} --help`")
     env_id = _resolve_env(known.env) if known.env is not None else "CartPole-v1"
     module = algorithm_module(known.algo, env_id)
-    config = _default_config(module, known.algo, env_id)
+    config = _default_config(module, env_id)
     env_default = known.env if known.env is not None else tyro.MISSING
-    defaults = TrainArgs(env=env_default, config=config, algo=known.algo)
+    defaults = TrainArgs(env=env_default, config=config, algo=module.NAME)
     try:
         args = tyro.cli(
             TrainArgs[type(config)],
             args=argv,
             default=defaults,
             prog=PROG,
-            description=_TRAIN_DESCRIPTION,
+            description=_train_description(),
         )
     except ValueError as error:  # a config's own validation (__post_init__) rejected a value
         raise UsageError(str(error)) from None
@@ -413,9 +390,9 @@ def _train_command(argv: list[str]) -> int:
         render=args.render,
         progress=args.progress,
     )
-    out = args.out if args.out is not None else default_out_dir(metrics["env"], args.algo, args.seed)
+    out = args.out if args.out is not None else default_out_dir(metrics["env"], metrics["algo"], args.seed)
     print(
-        f"{metrics['env']} {args.algo} seed {args.seed}: eval return "
+        f"{metrics['env']} {metrics['algo']} seed {args.seed}: eval return "
         f"{metrics['eval_return_mean']:.2f} ± {metrics['eval_return_std']:.2f} over "
         f"{metrics['eval_episodes']} gymnasium episodes; {metrics['env_steps']} env steps in "
         f"{metrics['wall_seconds']:.1f} s ({metrics['compile_seconds']:.1f} s compiling); saved to {out}"
@@ -506,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:  # tyro, tqdm, matplotlib: the train extra, not core deps
+        if (error.name or "").partition(".")[0] not in ("tyro", "tqdm", "matplotlib"):
+            raise
+        print(f"{PROG}: error: {error.name} is not installed: pip install 'diffgym[train]'", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
