@@ -8,7 +8,8 @@ Functional core (gymnax 1.x API)::
 
 Every environment has one record, its ``EnvSpec`` (``diffgym.spec("cartpole")``), and a training
 ``Task`` (``diffgym.make_task``). Gymnasium shells are registered on import:
-``gymnasium.make("diffgym/CartPole-v1")``.
+``gymnasium.make("diffgym/CartPole-v1")``. For gymnax's wrappers and gymnax-based trainers,
+``diffgym.gymnax_compat.make("CartPole-v1")`` gives the env with gymnax spaces (needs gymnax).
 """
 
 from diffgym import discrete

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: What the build reads: the metadata, the files it names and the two packages.
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "diffgym", "agents")
 PACKAGES = ("diffgym", "agents")
+HEADLESS = {"SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy", "PYGAME_HIDE_SUPPORT_PROMPT": "1"}
 
 #: Run by ``site`` at start-up (it is first on PYTHONPATH): at exit, dumps each loaded module of
 #: ours (and ``__main__``, the module ``-m`` ran) and its file to the JSON file named by
@@ -42,7 +43,7 @@ atexit.register(_dump)
 
 
 def _run(args, **kwargs):
-    result = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(args, check=False, capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -109,12 +110,11 @@ def test_installed_wheel_plays_the_bundled_controller_from_another_directory(whe
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(hook), str(site)]),  # replaces any PYTHONPATH to the checkout
         "DIFFGYM_IMPORTED_FROM": str(imported_from),
-        "SDL_VIDEODRIVER": "dummy",
-        "SDL_AUDIODRIVER": "dummy",
-        "PYGAME_HIDE_SUPPORT_PROMPT": "1",
+        **HEADLESS,
     }
     result = _run(
-        [sys.executable, "-m", "agents.cli", "play", "--env", "cartpole", "--episodes", "1", "--record", "out.gif"],
+        [sys.executable, "-m", "agents.cli", "play", "--env", "cartpole", "--episodes", "1",
+         "--record", "out.gif"],
         cwd=elsewhere,
         env=env,
     )
@@ -153,7 +153,7 @@ gymnasium.make("diffgym/Pendulum-v1").reset(seed=0)
 import agents, agents.play
 agents.play.play("cartpole", episodes=1, max_steps=3, record=sys.argv[1], echo=lambda _: None)
 """
-    env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy", "PYGAME_HIDE_SUPPORT_PROMPT": "1"}
+    env = {**os.environ, **HEADLESS}
     _run([sys.executable, "-c", code, str(tmp_path / "out.gif")], env=env, cwd=REPO)
     assert (tmp_path / "out.gif").exists()
 
@@ -167,3 +167,12 @@ def test_cli_names_the_train_extra_when_tyro_is_missing(monkeypatch, capsys, com
     monkeypatch.setitem(sys.modules, "tyro", None)
     assert main(command) == 1
     assert "tyro is not installed: pip install 'diffgym[train]'" in capsys.readouterr().err
+
+
+def test_gymnax_adapter_names_gymnax_when_it_is_missing():
+    code = (
+        "import sys; sys.modules['gymnax'] = None\n"
+        "try:\n    import diffgym.gymnax_compat\nexcept ModuleNotFoundError as error:\n    print(error)\n"
+    )
+    result = _run([sys.executable, "-c", code], cwd=REPO)
+    assert "gymnax, which is not installed: pip install 'gymnax>=1.0'" in result.stdout, result.stdout
