@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench test-gymnax clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	.venv-bench/bin/python -m bench.run_all
+
+# diffgym.gymnax_compat through gymnax's own wrappers (skipped in .venv, which has no gymnax).
+test-gymnax: $(BENCH_STAMP)
+	.venv-bench/bin/python -m pytest tests/test_gymnax_compat.py -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
