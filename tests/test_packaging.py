@@ -139,7 +139,7 @@ def test_installed_wheel_plays_the_bundled_controller_from_another_directory(whe
 TRAIN_EXTRA = ("tyro", "tqdm", "matplotlib")
 
 
-def test_physics_rendering_and_python_play_work_without_the_train_extra(tmp_path):
+def test_physics_agents_modules_and_python_play_work_without_the_train_extra(tmp_path):
     # A None in sys.modules makes `import tyro` raise ModuleNotFoundError, as if not installed.
     code = f"""
 import sys
@@ -150,7 +150,9 @@ env, params = diffgym.make("CartPole-v1")
 obs, state = env.reset(jax.random.key(0), params)
 env.step(jax.random.key(1), state, 1, params)
 gymnasium.make("diffgym/Pendulum-v1").reset(seed=0)
-import agents, agents.play
+import importlib, pkgutil, agents, agents.play
+for module in pkgutil.iter_modules(agents.__path__, "agents."):  # each imports them lazily, if at all
+    importlib.import_module(module.name)
 agents.play.play("cartpole", episodes=1, max_steps=3, record=sys.argv[1], echo=lambda _: None)
 """
     env = {**os.environ, **HEADLESS}
