@@ -92,6 +92,9 @@ class GymnaxEnvironment(_gymnax_environment.Environment):
     _supports_transition_gradients = True
     _transition_gradients_enabled = True
 
+    #: The adapted diffgym environment.
+    diffgym_env: Environment
+
     def __init__(self, env: Environment):
         if isinstance(env, GymnaxEnvironment):
             env = env.diffgym_env
