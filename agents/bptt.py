@@ -83,6 +83,7 @@ from agents.common import (
     config_from_settings,
     env_cache_key,
     evaluator,
+    make_task,
     resolve_env,
     tuned_settings,
 )
@@ -383,7 +384,7 @@ def _setup(env, config: BPTTConfig, seed: int, env_params=None, optimizer=None) 
         obs_scale=config.obs_scale or env_spec.obs_scale or (1.0,) * obs_size,
     )
     _validate(config)
-    task = _make_task(env_spec, config)
+    task = make_task(env_spec, config.cost, field="BPTTConfig.cost")
     spec = policy_spec(env, params, width=config.width, depth=config.depth, activation=config.activation)
     obs_scale = np.asarray(config.obs_scale, np.float32)
     obs_mean = np.asarray(env_spec.obs_mean or (0.0,) * obs_size, np.float32)
@@ -419,21 +420,6 @@ def _setup(env, config: BPTTConfig, seed: int, env_params=None, optimizer=None) 
     return _Setup(
         env, params, config, task, spec, static, obs_mean, obs_scale, rng, state, run_chunk, draw_starts, cache_key
     )
-
-
-def _make_task(env_spec: diffgym.EnvSpec, config: BPTTConfig) -> diffgym.Task:
-    task_class = env_spec.task_class()
-    known = ("reward", *task_class.term_names())
-    unknown = [name for name in config.cost if name not in known]
-    if unknown:
-        from diffgym.registry import did_you_mean
-
-        hints = "".join(did_you_mean(name, list(known)) for name in unknown)
-        raise ValueError(
-            f"BPTTConfig.cost names {unknown}, which {task_class.__name__} ({env_spec.id}'s task) does not "
-            f"have.{hints} Its terms: {', '.join(known)}."
-        )
-    return task_class(**config.cost)
 
 
 _STARTS = BoundedCache(16)

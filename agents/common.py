@@ -98,6 +98,21 @@ def config_from_settings(config_type: type, settings: dict, *, where: str):
     return config_type(**settings)
 
 
+def make_task(env_spec: diffgym.EnvSpec, weights: dict[str, float], *, field: str) -> diffgym.Task:
+    """The env's ``Task`` with ``weights`` (a config's ``field``, e.g. ``"BPTTConfig.cost"``); a
+    name the task lacks is an error listing its terms, with the closest."""
+    task_class = env_spec.task_class()
+    known = ["reward", *task_class.term_names()]
+    unknown = [name for name in weights if name not in known]
+    if unknown:
+        hints = "".join(did_you_mean(name, known) for name in unknown)
+        raise ValueError(
+            f"{field} names {unknown}, which {task_class.__name__} ({env_spec.id}'s task) does not have."
+            f"{hints} Its terms: {', '.join(known)}."
+        )
+    return task_class(**weights)
+
+
 def env_cache_key(env: diffgym.Environment, params) -> tuple:
     """A hashable identity of an env configuration and its params (compile-cache keys)."""
     return (type(env).__module__, type(env).__qualname__, repr(sorted(vars(env).items())), repr(params))

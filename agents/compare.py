@@ -7,13 +7,21 @@ One command per env (it prints how long each run took)::
 
 From Python: ``run_comparison("CartPole-v1", seeds=3, out_dir="bench/results")``.
 
-Every algorithm trains with its own tuned defaults (``agents.bptt.default_config``,
-``agents.ppo.default_config``, ``agents.sb3.default_config``) on seeds ``0 .. N-1``. Each run's
-learning curve (``env_steps``, ``wall_seconds``, ``eval_return``) comes from its trainer; the
-threshold is reached at the first evaluation after training started whose mean return is at
-least the env's threshold (``THRESHOLDS``). The final policy of every run is then evaluated on the
-gymnasium shell (``agents.common.evaluate_gymnasium``, deterministic actions, true reward), the
-same episodes for every algorithm.
+Every row is a trainer of ``agents.trainers`` with the env's tuned settings (its bundled
+``hyperparams.toml``), on seeds ``0 .. N-1``; two rows only change one setting, to say what the
+gradient owes to the surrogate cost (``ROWS``):
+
+* ``bptt``: the env's gradient trainer (BPTT, or the trebuchet's aiming network), tuned;
+* ``bptt-reward``: the same on the env's own reward, no surrogate term (``cost = {reward: 1}``);
+* ``ppo``: our PPO, tuned, on the env's reward;
+* ``ppo-shaped``: the same PPO learning from BPTT's shaped cost (``shaped_cost``);
+* ``sb3``: the Stable-Baselines3 peer (PPO or SAC, RL-Zoo's settings).
+
+Each run's learning curve (``env_steps``, ``wall_seconds``, ``eval_return``) comes from its
+trainer; the threshold (the env spec's ``reward_threshold``) is reached at the first evaluation
+after training started whose mean return is at least it. The final policy of every run is then
+evaluated on the gymnasium shell (``agents.common.evaluate_gymnasium``, deterministic actions,
+true reward, the spec's ``eval_episodes``), the same episodes for every row.
 
 Outputs in ``out_dir``: ``compare_<env>.md`` (summary table, mean ± std over seeds, then one row
 per run), ``compare_<env>.png`` (learning curves against env steps and against wall-clock
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -36,27 +43,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import diffgym
-from agents.common import TrainResult, evaluate_gymnasium
+from agents.common import TrainResult, evaluate_gymnasium, numpy_policy, tuned_settings
 from agents.policy import atomic_write_text
+from agents.trainers import gradient_trainer, trainer
 
-#: Mean evaluation return that counts as solving the task.
-#: Trebuchet-v0: -1 m, a mean absolute miss of at most 1 m over the evaluation shots. About 7 %
-#: of the task distribution's targets are out of reach (far targets in head winds), and their
-#: misses keep even a perfect aimer's mean near -0.7 m (agents.trebuchet's aiming network ends at
-#: -0.78 m over 1000 shots), so -1 m asks for aiming within a few tens of centimetres on the
-#: reachable targets; the aiming network's own goal is stricter still (median miss <= 0.3 % of
-#: the target, ~0.2 m).
-THRESHOLDS: dict[str, float] = {"CartPole-v1": 475.0, "Pendulum-v1": -200.0, "Trebuchet-v0": -1.0}
+#: The rows of a comparison, in table order.
+ALGORITHMS: tuple[str, ...] = ("bptt", "bptt-reward", "ppo", "ppo-shaped", "sb3")
 
-#: Episodes of the final evaluation on the gymnasium shell (as the CLI's metrics.json).
-#: A Trebuchet episode is one shot: 500 shots at random targets and winds.
-FINAL_EVAL_EPISODES: dict[str, int] = {"CartPole-v1": 20, "Pendulum-v1": 100, "Trebuchet-v0": 500}
-
-#: Algorithms compared, in table order: our BPTT, our PPO, the Stable-Baselines3 peer.
-ALGORITHMS: tuple[str, ...] = ("bptt", "ppo", "sb3")
-
-_LABELS = {"bptt": "BPTT (diffgym)", "ppo": "PPO (diffgym, JAX)"}
-_COLORS = {"bptt": "tab:red", "ppo": "tab:blue", "sb3": "tab:green"}
+_COLORS = {"bptt": "tab:red", "bptt-reward": "salmon", "ppo": "tab:blue", "ppo-shaped": "lightblue", "sb3": "tab:green"}
 
 
 @dataclasses.dataclass
@@ -84,61 +78,41 @@ def short_name(env_id: str) -> str:
 def time_to_threshold(curve: list[dict], threshold: float) -> tuple[int | None, float | None]:
     """``(env_steps, wall_seconds)`` of the first curve point after step 0 whose ``eval_return``
     reaches ``threshold``; ``(None, None)`` if none does."""
-    for point in curve:
-        if point["env_steps"] > 0 and point["eval_return"] >= threshold:
-            return int(point["env_steps"]), float(point["wall_seconds"])
-    return None, None
+    return TrainResult(None, {}, 0, 0.0, 0.0, curve).to_threshold(threshold)
 
 
-def _trainer(algo: str, env_id: str) -> tuple[str, Callable[[int, int | None], TrainResult]]:
-    """``(label, train(seed, budget))`` for ``algo``; ImportError when its module is missing."""
-    if algo == "bptt" and env_id == "Trebuchet-v0":
-        # What `train-controller --env trebuchet --algo bptt` runs: the aiming network trained
-        # through the simulator; every simulated shot is one env step.
-        aiming = importlib.import_module("agents.trebuchet")
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of a comparison: a trainer of ``agents.trainers`` and the config it runs with."""
 
-        def train_aiming(seed: int, budget: int | None) -> TrainResult:
-            config = aiming.default_config(env_id)
-            if budget is not None:
-                config = dataclasses.replace(config, total_env_steps=int(budget))
-            return aiming.train_aiming(config, seed=seed)
+    label: str
+    trainer: str
+    config: Any
 
-        return _LABELS["bptt"], train_aiming
-    if algo in ("bptt", "ppo"):
-        module = importlib.import_module(f"agents.{algo}")
-        label = _LABELS[algo]
-    elif algo == "sb3":
-        module = importlib.import_module("agents.sb3")
-        if not module.available():
-            raise ImportError(f"Stable-Baselines3 is not installed: {module.INSTALL_HINT}")
-        sb3_config = module.default_config(env_id)
-        label = f"SB3 {sb3_config.algo.upper()} ({getattr(sb3_config, 'source', 'RL-Zoo')})"
-    else:
-        raise ValueError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
-
-    def train(seed: int, budget: int | None) -> TrainResult:
-        config = module.default_config(env_id)
-        if budget is not None:
-            config = dataclasses.replace(config, total_env_steps=int(budget))
-        return module.train(env_id, config, seed=seed)
-
-    return label, train
+    def train(self, env_id: str, seed: int, budget: int | None = None) -> TrainResult:
+        config = self.config if budget is None else dataclasses.replace(self.config, total_env_steps=int(budget))
+        return trainer(self.trainer).train(env_id, config, seed=seed)
 
 
-def _numpy_policy(policy) -> Callable[[np.ndarray], Any]:
-    """A jitted ``obs -> action`` for an ``agents.policy.Policy``; SB3's callables pass through."""
-    from agents.policy import Policy
-
-    if not isinstance(policy, Policy):
-        return policy
-    import equinox as eqx
-    import jax
-
-    weights, static = eqx.partition(policy, eqx.is_array)
-    act = jax.jit(lambda weights, obs: eqx.combine(weights, static)(obs))
-    if policy.kind == "bernoulli":
-        return lambda obs: int(act(weights, np.asarray(obs, np.float32)))
-    return lambda obs: np.asarray(act(weights, np.asarray(obs, np.float32)), np.float32)
+def comparison_row(row: str, env_id: str) -> Row:
+    """The ``Row`` named ``row`` for ``env_id``; ImportError when its trainer's extra is missing.
+    Every row goes through the one trainer interface; the two variants change one config field."""
+    if row not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {row!r}; choose from {', '.join(ALGORITHMS)}")
+    gradient = gradient_trainer(env_id)
+    gradient_label = "BPTT (diffgym)" if gradient == "bptt" else f"BPTT {gradient} network (diffgym)"
+    name = {"bptt": gradient, "bptt-reward": gradient, "ppo-shaped": "ppo"}.get(row, row)
+    config = trainer(name).default_config(env_id)
+    if row == "bptt":
+        return Row(gradient_label, name, config)
+    if row == "bptt-reward":
+        return Row(f"{gradient_label}, env reward only", name, dataclasses.replace(config, cost={"reward": 1.0}))
+    if row == "ppo":
+        return Row("PPO (diffgym, JAX)", name, config)
+    if row == "ppo-shaped":
+        shaped = trainer(gradient).default_config(env_id).cost
+        return Row("PPO (diffgym, JAX), BPTT's shaped cost", name, dataclasses.replace(config, shaped_cost=shaped))
+    return Row(f"SB3 {config.algo.upper()} ({config.source})", name, config)
 
 
 def run_comparison(
@@ -158,12 +132,12 @@ def run_comparison(
         env_id: an id or short name (``"cartpole"``, ``"Pendulum-v1"``, ``"trebuchet"``).
         seeds: a number N (seeds ``0 .. N-1``) or the seeds themselves.
         out_dir: where ``compare_<env>.md``, ``.png`` and ``.json`` are written (created if needed).
-        algos: any of ``"bptt"``, ``"ppo"``, ``"sb3"``. An algorithm whose module or extra is
-            missing is skipped with a note in the table (SB3: ``pip install 'diffgym[baselines]'``).
+        algos: rows of ``ALGORITHMS``. A row whose trainer's extra is missing is skipped with a
+            note in the table (SB3: ``pip install 'diffgym[baselines]'``).
         budgets: env-step budget per algorithm (``{"ppo": 20_000}``), overriding the default
             config's ``total_env_steps``; the others keep their defaults.
-        final_eval_episodes: gymnasium episodes of the final evaluation (default
-            ``FINAL_EVAL_EPISODES[env]``).
+        final_eval_episodes: gymnasium episodes of the final evaluation (default: the env spec's
+            ``eval_episodes``).
         keep_other_algos: re-run only ``algos`` and keep the other algorithms' runs from the
             existing ``compare_<env>.json`` in ``out_dir`` (e.g. after one trainer changed); the
             table says which rows were kept.
@@ -172,9 +146,10 @@ def run_comparison(
     Returns:
         One ``RunRecord`` per run, in the order trained.
     """
-    env_id = diffgym.resolve_env_id(env_id)
-    if env_id not in THRESHOLDS:
-        raise ValueError(f"no comparison threshold for {env_id!r}; supported: {', '.join(THRESHOLDS)}")
+    env_spec = diffgym.spec(env_id)
+    env_id = env_spec.id
+    if env_spec.reward_threshold is None:
+        raise ValueError(f"{env_id} has no reward_threshold in its EnvSpec: a comparison measures steps to it")
     seed_list = list(range(seeds)) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
     if not seed_list or min(seed_list) < 0:
         raise ValueError(f"seeds must be a positive count or non-negative seeds, got {seeds!r}")
@@ -182,8 +157,8 @@ def run_comparison(
     if unknown:
         raise ValueError(f"unknown algorithms {unknown}; choose from {', '.join(ALGORITHMS)}")
     budgets = dict(budgets or {})
-    threshold = THRESHOLDS[env_id]
-    episodes = final_eval_episodes or FINAL_EVAL_EPISODES[env_id]
+    threshold = env_spec.reward_threshold
+    episodes = final_eval_episodes or env_spec.eval_episodes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = log or (lambda line: None)
@@ -194,19 +169,17 @@ def run_comparison(
     load_before = _load_average()
     for algo in algos:
         try:
-            label, train = _trainer(algo, env_id)
+            row = comparison_row(algo, env_id)
         except ImportError as error:
             skipped[algo] = str(error)
             say(f"[{algo}] skipped: {error}")
             continue
         for seed in seed_list:
-            result = train(seed, budgets.get(algo))
+            result = row.train(env_id, seed, budgets.get(algo))
             steps, seconds = time_to_threshold(result.curve, threshold)
-            returns = evaluate_gymnasium(
-                _numpy_policy(result.policy), env_id, episodes=episodes, seed=10_000 + seed
-            )
+            returns = evaluate_gymnasium(numpy_policy(result.policy), env_id, episodes=episodes, seed=10_000 + seed)
             record = RunRecord(
-                algo=algo, label=label, seed=seed, env_steps=int(result.env_steps),
+                algo=algo, label=row.label, seed=seed, env_steps=int(result.env_steps),
                 wall_seconds=float(result.wall_seconds), compile_seconds=float(result.compile_seconds),
                 steps_to_threshold=steps, seconds_to_threshold=seconds,
                 final_return_mean=float(np.mean(returns)), final_return_std=float(np.std(returns)),
@@ -215,7 +188,7 @@ def run_comparison(
             records.append(record)
             reached = "not reached" if steps is None else f"reached at {steps} steps, {seconds:.1f} s"
             say(
-                f"[{label} seed {seed}] threshold {threshold:g} {reached}; "
+                f"[{row.label} seed {seed}] threshold {threshold:g} {reached}; "
                 f"trained {record.env_steps} steps in "
                 f"{record.wall_seconds:.1f} s (compile {record.compile_seconds:.1f} s); "
                 f"final return {record.final_return_mean:.1f} ± {record.final_return_std:.1f}"
@@ -232,7 +205,7 @@ def run_comparison(
         kept = {"algos": sorted({r.algo for r in old}, key=ALGORITHMS.index),
                 "load_average": previous.get("load_average"), "total_seconds": previous.get("total_seconds")}
     meta = {
-        "env_id": env_id, "threshold": threshold, "seeds": seed_list, "final_eval_episodes": episodes,
+        "env_id": env_id, "threshold": threshold, "notes": list((tuned_settings(env_id, "compare") or {}).get("notes", [])), "seeds": seed_list, "final_eval_episodes": episodes,
         "budgets": budgets, "skipped": skipped, "total_seconds": total_seconds, "machine": _machine(),
         "load_average": [load_before, _load_average()], "kept_from_previous_run": kept,
     }
@@ -244,23 +217,6 @@ def run_comparison(
     _plot(records, meta, out_dir / f"compare_{name}.png")
     say(f"wrote {out_dir / f'compare_{name}.md'} and .png, .json ({total_seconds:.0f} s in all)")
     return records
-
-
-#: Lines added to the table's "How to read it" for one env.
-_ENV_NOTES: dict[str, list[str]] = {
-    "Trebuchet-v0": [
-        "- Trebuchet: an episode is one shot and its return is minus the miss |distance - target| "
-        "in m, so the evaluation return is minus the mean miss. One env step is one simulated shot "
-        "for every algorithm: BPTT (agents.trebuchet.train_aiming, the aiming network trained by "
-        "gradients through the simulator) counts each shot it simulates; the updates it replays "
-        "from recent shots through their linearised distances (AimingConfig.replay_updates) "
-        "simulate none and count none. Its learning curve is measured on 1000 fixed random tasks "
-        "every AimingConfig.eval_every shots and it spends its whole budget (no early stop). PPO "
-        "evaluates on 1000 shots, SAC on 200.",
-        "- Threshold -1 m: about 7 % of the targets are out of reach in their wind, so even a "
-        "perfect aimer's mean miss is about 0.7 m; see THRESHOLDS in agents/compare.py.",
-    ],
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +307,11 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "- All seeds of one algorithm run in one process: BPTT's and PPO's later seeds reuse the first "
         "seed's compiled training function (same env and config), so their compile column is near 0 "
         "and their wall seconds are training only; seed 0's row is what a fresh process pays.",
-        *_ENV_NOTES.get(env_id, []),
+        "- Rows: BPTT tuned; BPTT on the env's own reward with no surrogate term (cost {reward: 1}); "
+        "our PPO on the env's reward; our PPO learning from BPTT's shaped cost instead (shaped_cost, "
+        "the same weights BPTT uses); the Stable-Baselines3 peer. A claim \"BPTT needs N times fewer "
+        "steps\" should say which PPO row it rests on.",
+        *meta.get("notes", []),
         "",
         f"Machine: {meta['machine']}. Total time of this comparison: {meta['total_seconds']:.0f} s.",
         _load_note(meta),
@@ -391,6 +351,12 @@ def _kept_note(meta: dict) -> str:
     )
 
 
+def _spans_decades(records: list[RunRecord], threshold: float) -> bool:
+    """Whether every return is negative and they span more than a factor 20 (a log axis reads better)."""
+    returns = np.array([p["eval_return"] for r in records for p in r.curve])
+    return bool(returns.size and np.all(returns < 0) and returns.min() / returns.max() > 20)
+
+
 def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
     """Two panels: eval return against env steps and against wall seconds, log x, one line per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -414,10 +380,11 @@ def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
     for ax, xlabel in zip(axes, ("env steps (training)", "wall-clock seconds (compilation included)")):
         ax.axhline(meta["threshold"], color="black", ls="--", lw=1)
         ax.set_xscale("log")
-        if meta["env_id"] == "Trebuchet-v0":
-            # Misses fall from tens of metres to under one: linear below 1 m, logarithmic above.
-            ax.set_yscale("symlog", linthresh=1.0)
-            ax.set_ylim(top=0.0)  # a return is minus a miss: never positive
+        if _spans_decades(records, meta["threshold"]):
+            # Returns falling by orders of magnitude (misses from tens of metres to under one):
+            # linear below the threshold's magnitude, logarithmic above.
+            ax.set_yscale("symlog", linthresh=abs(meta["threshold"]) or 1.0)
+            ax.set_ylim(top=0.0)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("evaluation return (deterministic policy)")
@@ -436,7 +403,7 @@ def _plot(records: list[RunRecord], meta: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agents.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", required=True, help="cartpole, pendulum, trebuchet (or an id)")
+    parser.add_argument("--env", required=True, help=f"one of {', '.join(diffgym.registered_envs())} (or an alias)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per algorithm (default 3)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
     parser.add_argument(
@@ -453,8 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env_id = diffgym.resolve_env_id(args.env)
     except ValueError as error:
         parser.error(str(error))
-    if env_id not in THRESHOLDS:
-        parser.error(f"no comparison for {env_id}; supported: {', '.join(THRESHOLDS)}")
+    if diffgym.spec(env_id).reward_threshold is None:
+        parser.error(f"{env_id} has no reward_threshold in its EnvSpec; a comparison needs one")
     run_comparison(
         env_id, seeds=args.seeds, out_dir=args.out, algos=args.algos, keep_other_algos=args.keep_other_algos
     )

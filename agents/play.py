@@ -16,6 +16,7 @@ From Python::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -25,14 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import equinox as eqx
 import numpy as np
 
 import diffgym
 
-#: Controllers shipped with the repository, one folder per env: ``policy.json``, ``policy.eqx``
-#: and the ``metrics.json`` of the run that trained them.
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+from agents.common import ASSETS_DIR, numpy_policy
 
 #: Extensions ``--record`` accepts. GIF needs only pillow; MP4 needs an ffmpeg backend.
 RECORD_EXTENSIONS = (".gif", ".mp4")
@@ -203,17 +201,24 @@ def _make_gym_env(env_id: str, render_mode: str):
     return gymnasium.make(f"diffgym/{env_id}", render_mode=render_mode)
 
 
+@functools.lru_cache(maxsize=32)
+def _one_step(env_id: str) -> bool:
+    """Whether an episode is a single step (a shot): then its task is its start observation."""
+    return diffgym.make(env_id)[1].max_steps_in_episode == 1
+
+
 def _status_line(env_id: str, episode: int, step: int, total: float, start_obs: np.ndarray) -> str:
-    """What the caption (and a recording's overlay) says: the episode and its running return."""
-    if env_id == "Trebuchet-v0":  # one shot an episode: the task is the start observation
-        target, wind = (float(v) for v in start_obs[:2])
-        line = f"{env_id}  shot {episode}  target {target:.1f} m  wind {wind:+.1f} m/s"
-        return line + (f"  miss {-total:.2f} m" if step else "")
+    """What the caption (and a recording's overlay) says: the episode and its running return; for
+    a one-step episode, its task (the spec's ``obs_format`` of the start observation)."""
+    obs_format = diffgym.spec(env_id).obs_format
+    if _one_step(env_id) and obs_format is not None:
+        line = f"{env_id}  episode {episode}  " + obs_format.format(obs=[float(v) for v in start_obs])
+        return line + (f"  return {total:.2f}" if step else "")
     return f"{env_id}  episode {episode}  step {step}  return {total:.1f}"
 
 
 def _episode_summary(env_id: str, episode: int, step: int, total: float, start_obs: np.ndarray) -> str:
-    if env_id == "Trebuchet-v0":
+    if _one_step(env_id) and diffgym.spec(env_id).obs_format is not None:
         return _status_line(env_id, episode, step, total, start_obs).removeprefix(f"{env_id}  ")
     return f"episode {episode}: return {total:.1f} in {step} steps"
 
@@ -446,7 +451,7 @@ class TrainingViewer:
         pygame = _import_pygame()
         if self._gym_env is None:
             self._gym_env = _make_gym_env(self.env_id, "human")
-        act = _numpy_policy(policy)
+        act = numpy_policy(policy)
         obs, _ = self._gym_env.reset(seed=self.shown)
         total, label = 0.0, ""
         if info:
@@ -469,24 +474,3 @@ class TrainingViewer:
         if self._gym_env is not None:
             self._gym_env.close()
             self._gym_env = None
-
-
-def _numpy_policy(policy) -> Callable[[np.ndarray], Any]:
-    """A ``numpy obs -> gymnasium action`` function for a ``Policy`` module (or pass a callable through)."""
-    from agents.policy import Policy
-
-    if not isinstance(policy, Policy):
-        return policy
-    discrete = policy.kind == "bernoulli"
-
-    def act_numpy(obs):
-        action = np.asarray(_hard_action(policy, np.asarray(obs, np.float32)))
-        return int(action) if discrete else action.astype(np.float32)
-
-    return act_numpy
-
-
-@eqx.filter_jit
-def _hard_action(policy, obs):
-    """The policy's hard action, compiled once per network shape (training snapshots share it)."""
-    return policy(obs)

@@ -1,10 +1,12 @@
 """Proximal Policy Optimisation (PPO) on diffgym's functional environments, fully jitted.
 
-The RL baseline beside BPTT. Same interface as ``agents.bptt``::
+The RL baseline beside BPTT. Same interface as every trainer (``agents.trainers``)::
 
-    config = default_config("CartPole-v1")
-    result = train("CartPole-v1", config, seed=0)   # agents.common.TrainResult
+    result = train("CartPole-v1", seed=0)            # default_config(env): the tuned settings
     result.policy(obs)                               # the deterministic hard action
+
+Any ``Environment`` trains, a user's own included; nothing here knows an env id (the tuned
+settings are the env's bundled ``hyperparams.toml``, the stop target its spec's threshold).
 
 Algorithm (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), in the form of
 Stable-Baselines3's PPO so that RL-Zoo's tuned hyper-parameters carry over:
@@ -33,6 +35,8 @@ evaluation are shared with BPTT.
 * Discrete two-action envs (CartPole): ``kind="bernoulli"``; the raw output is the logit of
   action 1 and the behaviour policy is ``Bernoulli(sigmoid(logit))``. The deterministic action
   (``Policy.__call__``) is ``1[logit > 0]``, the distribution's mode.
+* Discrete envs with more actions (Acrobot, MountainCar): ``kind="categorical"``, a softmax over
+  the logits; the deterministic action is the argmax.
 * Continuous envs (Pendulum, Trebuchet): ``kind="box"``; the Gaussian's mean is the Policy's
   squashed output (always inside the box) and its standard deviation is
   ``exp(log_std) * (high - low) / 2`` with a learned, state-independent ``log_std`` per action
@@ -41,6 +45,11 @@ evaluation are shared with BPTT.
   (as SB3 and CleanRL do). The deterministic action is the mean.
 
 The critic is not part of the returned policy.
+
+**Shaped reward (``shaped_cost``).** PPO normally learns from the env's reward. With
+``shaped_cost`` (the weights of the env task's terms, as ``BPTTConfig.cost``) it learns from minus
+the task's training cost instead, the very surrogate BPTT differentiates, so that a comparison
+can tell the surrogate's help from the gradient's. Evaluations always use the true reward.
 """
 
 from __future__ import annotations
@@ -59,8 +68,19 @@ import numpy as np
 import optax
 
 import diffgym
-from agents.common import TrainResult, evaluate
-from agents.policy import Policy
+from agents.common import (
+    BoundedCache,
+    TrainResult,
+    config_from_settings,
+    env_cache_key,
+    evaluator,
+    make_task,
+    resolve_env,
+    tuned_settings,
+)
+from agents.policy import Policy, fold_standardisation, policy_spec
+
+NAME = "ppo"
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,13 +132,11 @@ class PPOConfig:
     """Number of hidden layers of the actor and of the critic."""
     activation: str = "tanh"
     """Hidden activation: ``tanh``, ``relu``, ``elu`` or ``softplus`` (``agents.policy``)."""
-    obs_mean: tuple[float, ...] | None = None
-    """Fixed observation standardisation ``(obs - obs_mean) / obs_std`` in front of the actor and
-    the critic (``None``: raw observations). For envs whose observations are far from unit scale
-    (the Trebuchet's target in metres). The returned policy has it folded into its first layer, so
-    it acts on raw observations and ``save_policy`` / ``load_policy`` need nothing else."""
-    obs_std: tuple[float, ...] | None = None
-    """Scale of the standardisation (same length as ``obs_mean``; both or neither)."""
+    standardise_obs: bool = False
+    """Standardise observations ``(obs - mean) / scale`` with the env spec's ``obs_mean`` and
+    ``obs_scale`` in front of the actor and the critic (False: raw observations). For envs whose
+    observations are far from unit scale (the Trebuchet's target in metres). The returned policy
+    has it folded into its first layer, so it acts on raw observations."""
     reward_scale: float = 1.0
     """Rewards are multiplied by this before the advantages and value targets (evaluation returns
     are not): keeps the critic's regression errors, hence its gradients, near unit scale so that
@@ -131,14 +149,15 @@ class PPOConfig:
     """Episodes per evaluation (functional env, run in parallel: milliseconds). Many, because
     training stops at the first evaluation that reaches ``target_return``: a noisy mean would
     stop on a lucky draw (Pendulum's episode returns spread by ~150)."""
-    target_return: float | None = 475.0
-    """Stop as soon as the evaluation mean reaches this return; ``None`` spends the whole budget."""
+    target_return: float | None = None
+    """Stop as soon as the evaluation mean reaches this return; ``None`` spends the whole budget
+    (``default_config`` sets the env spec's threshold)."""
+    shaped_cost: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Learn from minus the env task's training cost with these term weights instead of the
+    env's reward (see the module docstring); empty: the env's reward."""
 
     def __post_init__(self):
-        # Lists (e.g. from JSON) would make the config unhashable as a compile-cache key.
-        for name in ("obs_mean", "obs_std"):
-            if getattr(self, name) is not None:
-                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        self.shaped_cost = {str(name): float(weight) for name, weight in dict(self.shaped_cost).items()}
         batch = self.num_envs * self.num_steps
         for name in ("total_env_steps", "num_envs", "num_steps", "num_epochs", "num_minibatches",
                      "eval_every_updates", "eval_episodes"):
@@ -149,18 +168,6 @@ class PPOConfig:
             raise ValueError(
                 f"PPOConfig.num_minibatches={self.num_minibatches} must divide the batch "
                 f"num_envs * num_steps = {self.num_envs} * {self.num_steps} = {batch}"
-            )
-        if (self.obs_mean is None) != (self.obs_std is None):
-            raise ValueError(
-                f"PPOConfig.obs_mean and obs_std go together, got obs_mean={self.obs_mean!r}, "
-                f"obs_std={self.obs_std!r}"
-            )
-        if self.obs_std is not None and (
-            len(self.obs_std) != len(self.obs_mean) or not all(v > 0 for v in self.obs_std)
-        ):
-            raise ValueError(
-                f"PPOConfig.obs_std must be positive and as long as obs_mean, got obs_mean="
-                f"{self.obs_mean!r}, obs_std={self.obs_std!r}"
             )
         if not self.reward_scale > 0:
             raise ValueError(f"PPOConfig.reward_scale must be positive, got {self.reward_scale!r}")
@@ -181,97 +188,16 @@ class PPOConfig:
         return self.total_env_steps // self.batch_size
 
 
-#: The Trebuchet's observation ``[target m, wind m/s]``: mean and std of its reset distribution
-#: (target ~ U(20, 100) m, wind ~ N(0, 5^2) m/s clipped to +-15).
-TREBUCHET_OBS_MEAN = (60.0, 0.0)
-TREBUCHET_OBS_STD = (80.0 / math.sqrt(12.0), 5.0)
-
-#: The return an evaluation must reach for an env to count as solved (also the early stop).
-SOLVED_RETURN: dict[str, float] = {"CartPole-v1": 475.0, "Pendulum-v1": -200.0, "Trebuchet-v0": -1.0}
-
-
-def default_config(env_id: str) -> PPOConfig:
-    """Tuned PPO settings for ``env_id`` (an id or a short name such as ``"cartpole"``).
-
-    * CartPole-v1: RL-Zoo (rl-baselines3-zoo ``hyperparams/ppo.yml``, "Tuned" CartPole-v1):
-      8 envs x 32 steps, batch 256 (one minibatch), 20 epochs, gamma 0.98, lambda 0.8,
-      learning rate ``lin_1e-3``, clip range ``lin_0.2``, no entropy bonus, 1e5 steps; SB3's
-      defaults elsewhere (value coefficient 0.5, gradient clip 0.5, 64x64 tanh networks).
-    * Pendulum-v1: RL-Zoo's tuned Pendulum-v1 PPO (4 envs x 1024 steps, gamma 0.9, lambda 0.95,
-      10 epochs, learning rate 1e-3, clip 0.2, no entropy bonus) but with 16 envs x 256 steps
-      (the same 4096 steps per update, more parallel) and a plain state-independent Gaussian
-      (initial std 1 N m, SB3's ``log_std_init=0``) instead of its gSDE exploration, with the
-      batch split into 64-sample minibatches (SB3's default ``batch_size``), gradient clip 0.5.
-      The budget is 3e5 steps (RL-Zoo's: 1e5 with gSDE); measured here it stops at the -200
-      target after 65-82k steps.
-    * Trebuchet-v0 (no RL-Zoo entry: one shot per episode, a contextual bandit): the PPO paper's
-      MuJoCo settings (Schulman et al. 2017, table 3: 10 epochs, minibatches of 64, clip 0.2,
-      gamma 0.99, lambda 0.95; with one-step episodes gamma and lambda play no part and the
-      advantage is ``reward - V(obs)``), batches of 64 envs x 4 shots = 256 shots per update,
-      learning rate 1e-3 annealed linearly to 0 (the precision needed at the end, misses of a
-      metre, wants small final steps), initial std a quarter of the half box (11 deg, 25 kg).
-      Observations are standardised with the task distribution's mean and std (target
-      U(20, 100) m: 60 +- 23.1; wind N(0, 5^2) m/s), the standardisation ``agents.trebuchet``'s
-      aiming network uses, and rewards (misses of tens of metres at first) are scaled by 0.1, in
-      the spirit of RL-Zoo's ``normalize: true`` for continuous envs. Budget 98,304 shots (384
-      updates), stop at a mean miss of 1 m (``SOLVED_RETURN``); evaluation every 16 updates
-      (4096 shots) on 1000 shots.
-    * Evaluation (CartPole, Pendulum): after every update (256 steps CartPole, 4096 Pendulum),
-      64 / 256 episodes of the deterministic policy on the functional env: the learning curve is
-      as fine as the updates, so steps-to-threshold are not rounded up to a coarse grid.
-    """
-    env_id = diffgym.resolve_env_id(env_id)
-    if env_id == "CartPole-v1":
-        return PPOConfig(eval_every_updates=1)
-    if env_id == "Pendulum-v1":
-        return PPOConfig(
-            total_env_steps=300_000,
-            num_envs=16,
-            num_steps=256,
-            num_epochs=10,
-            num_minibatches=64,
-            learning_rate=1e-3,
-            anneal_learning_rate=False,
-            clip_eps=0.2,
-            anneal_clip_eps=False,
-            gamma=0.9,
-            gae_lambda=0.95,
-            vf_coef=0.5,
-            ent_coef=0.0,
-            max_grad_norm=0.5,
-            init_log_std=math.log(0.5),
-            eval_every_updates=1,
-            eval_episodes=256,
-            target_return=SOLVED_RETURN["Pendulum-v1"],
-        )
-    if env_id == "Trebuchet-v0":
-        return PPOConfig(
-            total_env_steps=98_304,
-            num_envs=64,
-            num_steps=4,
-            num_epochs=10,
-            num_minibatches=4,
-            learning_rate=1e-3,
-            anneal_learning_rate=True,
-            clip_eps=0.2,
-            anneal_clip_eps=False,
-            gamma=0.99,
-            gae_lambda=0.95,
-            vf_coef=0.5,
-            ent_coef=0.0,
-            max_grad_norm=0.5,
-            init_log_std=math.log(0.25),
-            obs_mean=TREBUCHET_OBS_MEAN,
-            obs_std=TREBUCHET_OBS_STD,
-            reward_scale=0.1,
-            eval_every_updates=16,
-            eval_episodes=1000,
-            target_return=SOLVED_RETURN["Trebuchet-v0"],
-        )
-    raise ValueError(
-        f"no tuned PPO settings for {env_id!r}; known: CartPole-v1, Pendulum-v1, Trebuchet-v0 "
-        "(or build a PPOConfig yourself)"
-    )
+def default_config(env) -> PPOConfig:
+    """The env's tuned settings (``[ppo]`` of its bundled ``hyperparams.toml``, which says where
+    they come from: RL-Zoo for CartPole and the Pendulum), else ``PPOConfig``'s defaults (RL-Zoo's
+    CartPole settings); both stop at the env spec's ``reward_threshold``."""
+    instance, _, spec = resolve_env(env)
+    settings = tuned_settings(instance, NAME)
+    if settings is None:
+        return PPOConfig(target_return=spec.reward_threshold)
+    settings = {"target_return": spec.reward_threshold, **settings}
+    return config_from_settings(PPOConfig, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,20 +267,14 @@ class ActorCritic(eqx.Module):
 
     def acting_policy(self) -> Policy:
         """The actor as a ``Policy`` on raw observations: the standardisation folded into its first
-        layer (``W (obs - m) / s + b == (W / s) obs + (b - (W / s) m)``), computed in numpy so no
-        kernel is compiled for it."""
+        layer (``agents.policy.fold_standardisation``)."""
         if self.obs_mean is None:
             return self.actor
-        first = self.actor.mlp.layers[0]
-        weight = np.asarray(first.weight) / np.asarray(self.obs_std, np.float32)
-        bias = np.asarray(first.bias) - weight @ np.asarray(self.obs_mean, np.float32)
-        return eqx.tree_at(
-            lambda p: (p.mlp.layers[0].weight, p.mlp.layers[0].bias),
-            self.actor, (jnp.asarray(weight, first.weight.dtype), jnp.asarray(bias, first.bias.dtype)),
-        )
+        return fold_standardisation(self.actor, self.obs_mean, self.obs_std)
 
     def log_prob_entropy(self, obs: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Log-probability of ``action`` (float, shape ``(action_size,)``) at ``obs``, and the entropy."""
+        """Log-probability of ``action`` (float, shape ``(action_size,)``; a discrete action is its
+        index in ``action[0]``) at ``obs``, and the entropy."""
         obs = self.standardise(obs)
         raw = self.actor.raw(obs)
         if self.actor.kind == "bernoulli":
@@ -364,18 +284,26 @@ class ActorCritic(eqx.Module):
             p1 = jax.nn.sigmoid(logit)
             entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0)
             return log_prob, entropy
-        mean, std = self.actor.relaxed(obs), self._std()
+        if self.actor.kind == "categorical":
+            log_probs = jax.nn.log_softmax(raw)
+            log_prob = log_probs[action[0].astype(jnp.int32)]
+            entropy = -jnp.sum(jnp.exp(log_probs) * log_probs)
+            return log_prob, entropy
+        mean, std = self.actor.squash(raw), self._std()
         log_prob = jnp.sum(-0.5 * ((action - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi))
         entropy = jnp.sum(0.5 + 0.5 * math.log(2 * math.pi) + jnp.log(std))
         return log_prob, entropy
 
     def sample(self, key: jax.Array, obs: jax.Array) -> jax.Array:
-        """A behaviour-policy action as floats of shape ``(action_size,)`` (0./1. for bernoulli)."""
+        """A behaviour-policy action as floats: shape ``(action_size,)`` for a box, ``(1,)`` holding
+        the index for a discrete head (0./1. for bernoulli)."""
         obs = self.standardise(obs)
         raw = self.actor.raw(obs)
         if self.actor.kind == "bernoulli":
             return jax.random.bernoulli(key, jax.nn.sigmoid(raw)).astype(raw.dtype)
-        mean = self.actor.relaxed(obs)
+        if self.actor.kind == "categorical":
+            return jax.random.categorical(key, raw)[None].astype(raw.dtype)
+        mean = self.actor.squash(raw)
         return mean + self._std() * jax.random.normal(key, mean.shape, mean.dtype)
 
     def value(self, obs: jax.Array) -> jax.Array:
@@ -408,27 +336,11 @@ def _orthogonal_init(mlp: eqx.nn.MLP, key: jax.Array, head_gain: float) -> eqx.n
     return eqx.tree_at(lambda m: [layer.bias for layer in m.layers], mlp, biases)
 
 
-def policy_spec(env: diffgym.Environment, params, config: PPOConfig) -> dict:
-    """The ``Policy`` constructor arguments for ``env`` (what ``save_policy`` stores)."""
-    obs_size = int(np.prod(env.observation_space(params).shape))
-    space = env.action_space(params)
-    common = {"width": config.width, "depth": config.depth, "activation": config.activation}
-    if isinstance(space, diffgym.Discrete):
-        if space.n != 2:
-            raise ValueError(f"PPO's bernoulli policy handles 2 discrete actions; {env.name} has {space.n}")
-        return {"obs_size": obs_size, "action_size": 1, "kind": "bernoulli", "low": [], "high": [], **common}
-    if isinstance(space, diffgym.Box):
-        low = [float(v) for v in np.ravel(space.low)]
-        high = [float(v) for v in np.ravel(space.high)]
-        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-            raise ValueError(f"PPO's box policy needs a bounded action box; {env.name} has {space}")
-        return {"obs_size": obs_size, "action_size": len(low), "kind": "box", "low": low, "high": high,
-                **common}
-    raise TypeError(f"unsupported action space {space!r} of {env.name}; PPO handles Discrete(2) and Box")
-
-
-def init_actor_critic(spec: dict, config: PPOConfig, key: jax.Array) -> ActorCritic:
-    """Fresh networks for the policy ``spec``."""
+def init_actor_critic(
+    spec: dict, config: PPOConfig, key: jax.Array, *, obs_mean=None, obs_std=None
+) -> ActorCritic:
+    """Fresh networks for the policy ``spec``, standardising observations with ``obs_mean`` and
+    ``obs_std`` when given."""
     key_actor, key_critic, key_actor_init, key_critic_init = jax.random.split(key, 4)
     actor = Policy(**spec, key=key_actor)
     actor = eqx.tree_at(lambda p: p.mlp, actor, _orthogonal_init(actor.mlp, key_actor_init, 0.01))
@@ -440,14 +352,14 @@ def init_actor_critic(spec: dict, config: PPOConfig, key: jax.Array) -> ActorCri
     critic = _orthogonal_init(critic, key_critic_init, 1.0)
     log_std = jnp.full((spec["action_size"],), config.init_log_std, jnp.float32)
     standardisation = {}
-    if config.obs_mean is not None:
-        if len(config.obs_mean) != spec["obs_size"]:
+    if obs_std is not None:
+        mean = (0.0,) * spec["obs_size"] if obs_mean is None else obs_mean
+        if not len(mean) == len(obs_std) == spec["obs_size"]:
             raise ValueError(
-                f"PPOConfig.obs_mean has {len(config.obs_mean)} entries; the observation has "
+                f"observation standardisation of {len(mean)} / {len(obs_std)} entries; the observation has "
                 f"{spec['obs_size']}"
             )
-        standardisation = {"obs_mean": tuple(map(float, config.obs_mean)),
-                           "obs_std": tuple(map(float, config.obs_std))}
+        standardisation = {"obs_mean": tuple(map(float, mean)), "obs_std": tuple(map(float, obs_std))}
     return ActorCritic(actor=actor, critic=critic, log_std=log_std, **standardisation)
 
 
@@ -474,8 +386,9 @@ class Runner(NamedTuple):
     update: jax.Array  # updates done so far
 
 
-def _make_chunk(env, env_params, static, optimizer, config: PPOConfig, chunk_updates: int) -> Callable:
-    """The jittable ``Runner -> (Runner, metrics)`` that performs ``chunk_updates`` updates."""
+def _make_chunk(env, env_params, static, optimizer, config: PPOConfig, chunk_updates: int, task=None) -> Callable:
+    """The jittable ``Runner -> (Runner, metrics)`` that performs ``chunk_updates`` updates; with a
+    ``task`` (``config.shaped_cost``), the reward learnt from is minus its training cost."""
     num_envs, batch_size = config.num_envs, config.batch_size
     minibatch_size = batch_size // config.num_minibatches
     is_box = static.actor.kind == "box"
@@ -490,6 +403,7 @@ def _make_chunk(env, env_params, static, optimizer, config: PPOConfig, chunk_upd
 
     def collect(model, carry, _):
         env_state, obs, key = carry
+        previous_state = env_state
         key, key_action, key_env = jax.random.split(key, 3)
         action = jax.vmap(model.sample)(jax.random.split(key_action, num_envs), obs)
         log_prob, _ = jax.vmap(model.log_prob_entropy)(obs, action)
@@ -498,6 +412,11 @@ def _make_chunk(env, env_params, static, optimizer, config: PPOConfig, chunk_upd
             jax.random.split(key_env, num_envs), env_state, env_action(action), env_params
         )
         next_value = jax.vmap(model.value)(info["final_observation"])
+        if task is not None:
+            cost = jax.vmap(task.cost, in_axes=(None, 0, 0, 0, 0))(
+                env_params, previous_state, env_action(action), info["final_state"], reward
+            )
+            reward = -cost
         reward = config.reward_scale * reward.astype(jnp.float32)
         transition = Transition(obs, action, log_prob, value, reward,
                                 terminated, truncated, next_value)
@@ -568,24 +487,26 @@ def _make_chunk(env, env_params, static, optimizer, config: PPOConfig, chunk_upd
     return chunk
 
 
-#: Compiled update chunks of this process, by (env, config, chunk length, policy spec).
-_COMPILED_CHUNKS: dict[tuple, Any] = {}
+#: Compiled update chunks of this process, by (env, params, config, chunk length, policy spec).
+_CHUNKS = BoundedCache(8)
 
 
 def train(
-    env_id: str,
-    config: PPOConfig,
+    env,
+    config: PPOConfig | None = None,
     *,
     seed: int = 0,
+    env_params=None,
     progress_fn: Callable[[dict], None] | None = None,
     render_fn: Callable[[Policy], None] | None = None,
 ) -> TrainResult:
-    """Train a policy on ``env_id`` with PPO.
+    """Train a policy on ``env`` with PPO.
 
     Args:
-        env_id: a registered id or short name (``"CartPole-v1"``, ``"pendulum"``).
-        config: hyper-parameters (``default_config(env_id)`` for the tuned ones).
+        env: an id or alias (``"CartPole-v1"``, ``"pendulum"``) or an ``Environment`` instance.
+        config: hyper-parameters; None: ``default_config(env)``, the tuned ones.
         seed: seeds the networks, the rollouts and the evaluations.
+        env_params: env parameters to train and evaluate in (default: the env's own).
         progress_fn: called after every evaluation with ``env_steps``, ``wall_seconds``,
             ``eval_return`` (mean over ``config.eval_episodes``), ``loss``, ``policy_loss``,
             ``value_loss``, ``entropy``, ``approx_kl`` (the last update's minibatch means).
@@ -603,17 +524,27 @@ def train(
         (``None`` if not reached), ``log_std`` (continuous actions) and ``config``.
     """
     start = time.perf_counter()
-    env_id = diffgym.resolve_env_id(env_id)
+    config = default_config(env) if config is None else config
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    env, env_params = diffgym.make(env_id)
-    spec = policy_spec(env, env_params, config)
+    env, env_params, env_spec = resolve_env(env, env_params)
+    spec = policy_spec(env, env_params, width=config.width, depth=config.depth, activation=config.activation)
+    task = None
+    if config.shaped_cost:
+        task = make_task(env_spec, config.shaped_cost, field="PPOConfig.shaped_cost")
 
     key = jax.random.key(seed)
     key_model, key_reset, key_run, key_eval = jax.random.split(key, 4)
-    model = init_actor_critic(spec, config, key_model)
+    standardisation = {}
+    if config.standardise_obs:
+        obs_size = spec["obs_size"]
+        standardisation = {
+            "obs_mean": env_spec.obs_mean or (0.0,) * obs_size,
+            "obs_std": env_spec.obs_scale or (1.0,) * obs_size,
+        }
+    model = init_actor_critic(spec, config, key_model, **standardisation)
     weights, static = eqx.partition(model, eqx.is_inexact_array)
 
     num_optimizer_steps = config.num_updates * config.num_epochs * config.num_minibatches
@@ -633,23 +564,24 @@ def train(
     # Seeds of one config share the compiled chunk: it depends on the config, the env and the
     # networks' structure only (the seed is in the runner). The Trebuchet's simulator makes a
     # chunk cost 30-60 s to compile, so a three-seed comparison saves minutes.
-    cache_key = (env_id, dataclasses.astuple(config), chunk_updates, repr(sorted(spec.items())))
+    config_key = tuple((f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config))
+    cache_key = (env_cache_key(env, env_params), config_key, chunk_updates, repr(sorted(spec.items())))
+    run_eval, _ = evaluator(env, episodes=config.eval_episodes, params=env_params)
 
     def evaluate_now(weights, index: int) -> float:
         actor = eqx.combine(weights, static).acting_policy()
-        key = jax.random.fold_in(key_eval, index)
-        returns = evaluate(env_id, actor, key=key, episodes=config.eval_episodes)
-        return float(np.mean(returns))
+        return float(np.mean(run_eval(actor, jax.random.fold_in(key_eval, index))))
 
     # The first evaluation (which compiles the evaluator on its first use in this process) runs
     # beside the chunk's compile: XLA compiles outside the GIL, so the two share the cores.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         first_evaluation = pool.submit(evaluate_now, runner.weights, 0)
-        chunk = _COMPILED_CHUNKS.get(cache_key)
-        if chunk is None:
-            chunk_fn = _make_chunk(env, env_params, static, optimizer, config, chunk_updates)
-            chunk = jax.jit(chunk_fn).lower(runner).compile()
-            _COMPILED_CHUNKS[cache_key] = chunk
+        chunk, _ = _CHUNKS.get(
+            cache_key,
+            lambda: jax.jit(_make_chunk(env, env_params, static, optimizer, config, chunk_updates, task))
+            .lower(runner)
+            .compile(),
+        )
         first_return = first_evaluation.result()
     compile_seconds = time.perf_counter() - compile_start
     curve = [{"env_steps": 0, "wall_seconds": time.perf_counter() - start, "eval_return": first_return}]
@@ -678,7 +610,8 @@ def train(
 
     final = eqx.combine(runner.weights, static)
     extra = {
-        "algo": "ppo",
+        "algo": NAME,
+        "env_id": env.name,
         "solved": to_target is not None,
         "env_steps_to_target": None if to_target is None else to_target["env_steps"],
         "wall_seconds_to_target": None if to_target is None else to_target["wall_seconds"],

@@ -1,7 +1,7 @@
 """Stable-Baselines3 peers for the comparison: SB3's PPO (CartPole) and SAC (Pendulum, Trebuchet).
 
-They train on diffgym's gymnasium shells (``gymnasium.make("diffgym/CartPole-v1")``) with
-RL-Zoo's tuned hyper-parameters, and a callback records the same learning curve as our
+They train on diffgym's gymnasium shells (``diffgym.gym.DiffgymEnv`` behind gymnasium's
+``TimeLimit``, any registered or user env) with RL-Zoo's tuned hyper-parameters, and a callback records the same learning curve as our
 trainers (``env_steps``, ``wall_seconds``, ``eval_return``) and stops at the target return or at
 the end of the budget. Needs the optional extra: ``pip install 'diffgym[baselines]'``.
 
@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-import diffgym
-from agents.common import TrainResult
+from agents.common import TrainResult, config_from_settings, resolve_env, tuned_settings
 
+NAME = "sb3"
+#: SB3 trains on gymnasium shells; it hands out no snapshots to show while training.
+supports_render = False
 INSTALL_HINT = "pip install 'diffgym[baselines]'"
 
 
@@ -61,76 +63,35 @@ class SB3Config:
     """Env steps between two evaluations of the deterministic policy."""
     eval_episodes: int = 32
     """Episodes per evaluation."""
-    target_return: float | None = 475.0
-    """Stop once the evaluation mean reaches this; ``None`` spends the whole budget."""
+    target_return: float | None = None
+    """Stop once the evaluation mean reaches this; ``None`` spends the whole budget
+    (``default_config`` sets the env spec's threshold)."""
     source: str = "RL-Zoo"
     """Where the hyper-parameters come from (shown in the comparison's labels)."""
 
 
-def default_config(env_id: str) -> SB3Config:
-    """RL-Zoo's tuned settings (rl-baselines3-zoo ``hyperparams/ppo.yml`` and ``sac.yml``).
-
-    * CartPole-v1 — PPO: 8 envs, ``n_steps`` 32, batch 256, ``gae_lambda`` 0.8, ``gamma`` 0.98,
-      20 epochs, no entropy bonus, learning rate ``lin_1e-3``, clip range ``lin_0.2``, 1e5 steps.
-    * Pendulum-v1 — SAC: learning rate 1e-3 and SB3's defaults otherwise (one env, 256x256
-      ReLU networks, batch 256, one gradient step per env step, automatic entropy), 2e4 steps.
-    * Trebuchet-v0 — SAC. RL-Zoo has no trebuchet: Pendulum-v1's settings above (learning rate
-      1e-3, SB3's SAC defaults otherwise; its default ``learning_starts`` of 100 random shots).
-      SB3's SAC squashes its actions with tanh into the env's box, so the raw observation scale
-      (target in m, wind in m/s) is the only thing it meets unscaled. One env step is one shot.
-      Budget 1e4 shots: SAC makes one gradient step of two 256x256 critics per shot, about
-      10-20 ms each on this 2-core machine, so that is minutes of wall time, the order of what
-      PPO spends on its ~1e5 shots. Stop at a mean miss of 1 m; evaluation every 1000 shots on
-      200 shots (the gymnasium shell, one shot per episode).
-    """
-    env_id = diffgym.resolve_env_id(env_id)
-    if env_id == "CartPole-v1":
-        return SB3Config(
-            algo="ppo",
-            total_env_steps=100_000,
-            hyperparams={
-                "n_envs": 8, "n_steps": 32, "batch_size": 256, "gae_lambda": 0.8, "gamma": 0.98,
-                "n_epochs": 20, "ent_coef": 0.0, "learning_rate": "lin_1e-3", "clip_range": "lin_0.2",
-            },
-            eval_every_env_steps=2048,
-            eval_episodes=32,
-            target_return=475.0,
-        )
-    if env_id == "Pendulum-v1":
-        return SB3Config(
-            algo="sac",
-            total_env_steps=20_000,
-            hyperparams={"n_envs": 1, "learning_rate": 1e-3},
-            eval_every_env_steps=1000,
-            eval_episodes=64,
-            target_return=-200.0,
-        )
-    if env_id == "Trebuchet-v0":
-        return SB3Config(
-            algo="sac",
-            total_env_steps=10_000,
-            hyperparams={"n_envs": 1, "learning_rate": 1e-3},
-            eval_every_env_steps=1000,
-            eval_episodes=200,
-            target_return=-1.0,
-            source="RL-Zoo's Pendulum settings",
-        )
-    raise ValueError(
-        f"no RL-Zoo settings for {env_id!r} here; known: CartPole-v1, Pendulum-v1, Trebuchet-v0"
-    )
+def default_config(env) -> SB3Config:
+    """RL-Zoo's tuned settings for the env (``[sb3]`` of its bundled ``hyperparams.toml``, which
+    says where each comes from: rl-baselines3-zoo ``hyperparams/ppo.yml`` and ``sac.yml``), else
+    SB3's PPO defaults; both stop at the env spec's ``reward_threshold``."""
+    instance, _, spec = resolve_env(env)
+    settings = tuned_settings(instance, NAME)
+    if settings is None:
+        return SB3Config(target_return=spec.reward_threshold)
+    settings = {"target_return": spec.reward_threshold, **settings}
+    return config_from_settings(SB3Config, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
 
 
-def gymnasium_id(env_id: str) -> str:
-    """The gymnasium id to train on: diffgym's shell when registered, else gymnasium's own env."""
+def make_env_fn(env, params) -> Callable:
+    """``() -> gymnasium.Env``: the diffgym gymnasium shell of ``env`` with ``params``, behind
+    gymnasium's ``TimeLimit`` (what SB3 trains and evaluates on)."""
     import gymnasium
 
-    env_id = diffgym.resolve_env_id(env_id)
-    shell = f"diffgym/{env_id}"
-    if shell in gymnasium.registry:
-        return shell
-    if env_id in gymnasium.registry:
-        return env_id  # diffgym.gym not there yet: gymnasium's own env, the one diffgym reproduces
-    raise ValueError(f"no gymnasium env for {env_id!r}: neither {shell!r} nor {env_id!r} is registered")
+    from diffgym.gym import DiffgymEnv
+
+    return lambda: gymnasium.wrappers.TimeLimit(
+        DiffgymEnv(env, params=params), max_episode_steps=int(params.max_steps_in_episode)
+    )
 
 
 def _schedule(value):
@@ -141,17 +102,19 @@ def _schedule(value):
 
 
 def train(
-    env_id: str,
-    config: SB3Config,
+    env,
+    config: SB3Config | None = None,
     *,
     seed: int = 0,
+    env_params=None,
     progress_fn: Callable[[dict], None] | None = None,
+    render_fn=None,
 ) -> TrainResult:
-    """Train the SB3 peer ``config.algo`` on ``env_id``'s gymnasium env; see the module docstring.
+    """Train the SB3 peer ``config.algo`` on ``env``'s gymnasium shell; see the module docstring.
 
-    ``extra`` has ``solved``, ``env_steps_to_target``, ``wall_seconds_to_target``,
-    ``eval_seconds`` (time spent evaluating, excluded from the clock) and ``gym_env`` (the
-    gymnasium id trained on).
+    ``env`` is an id or an ``Environment`` instance; ``config`` None: ``default_config(env)``.
+    ``extra`` has ``solved``, ``env_steps_to_target``, ``wall_seconds_to_target`` and
+    ``eval_seconds`` (time spent evaluating, excluded from the clock).
     """
     _require()
     import torch
@@ -161,10 +124,14 @@ def train(
     from stable_baselines3.common.evaluation import evaluate_policy
 
     start = time.perf_counter()
+    if render_fn is not None:
+        raise ValueError("the Stable-Baselines3 peers show no rollouts while training; use `train-controller play`")
+    env, params, _ = resolve_env(env, env_params)
+    config = default_config(env) if config is None else config
     algos = {"ppo": PPO, "sac": SAC}
     if config.algo not in algos:
         raise ValueError(f"SB3Config.algo must be one of {sorted(algos)}, got {config.algo!r}")
-    gym_id = gymnasium_id(env_id)
+    env_fn = make_env_fn(env, params)
     hyperparams = dict(config.hyperparams)
     n_envs = int(hyperparams.pop("n_envs", 1))
     for name in ("learning_rate", "clip_range"):
@@ -177,9 +144,9 @@ def train(
     # busy 2-core machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    train_env = make_vec_env(gym_id, n_envs=n_envs, seed=seed)
+    train_env = make_vec_env(env_fn, n_envs=n_envs, seed=seed)
     # Evaluation episodes run side by side, in at most 16 envs.
-    eval_env = make_vec_env(gym_id, n_envs=min(16, config.eval_episodes), seed=seed + 10_000)
+    eval_env = make_vec_env(env_fn, n_envs=min(16, config.eval_episodes), seed=seed + 10_000)
     model = algos[config.algo]("MlpPolicy", train_env, seed=seed, verbose=0, device="cpu", **hyperparams)
 
     curve: list[dict] = []
@@ -247,13 +214,14 @@ def train(
         compile_seconds=0.0,
         curve=curve,
         extra={
-            "algo": f"sb3-{config.algo}",
+            "algo": NAME,
+            "sb3_algo": config.algo,
+            "env_id": env.name,
             "solved": to_target is not None,
             "env_steps_to_target": None if to_target is None else to_target["env_steps"],
             "wall_seconds_to_target": None if to_target is None else to_target["wall_seconds"],
             "target_return": config.target_return,
             "eval_seconds": clock["eval_seconds"],
-            "gym_env": gym_id,
             "config": dataclasses.asdict(config),
         },
     )

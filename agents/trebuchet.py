@@ -5,9 +5,10 @@ Two ways to choose ``(release angle, counterweight)`` for a target distance in a
 * :func:`aim` — gradient-based root finding through :func:`diffgym.envs.trebuchet.shoot` for one
   shot (a fixed number of damped minimum-norm Newton steps, jitted): hits to within 1 cm, or says
   that the target is out of reach.
-* :func:`train_aiming` — a neural controller ``[target, wind] -> [angle, counterweight]`` trained
-  by backpropagating the squared miss through the simulator (the "Differentiable Control
-  Problems" post's setup); one forward pass per shot afterwards.
+* :func:`train` — a neural controller ``[target, wind] -> [angle, counterweight]`` trained
+  by backpropagating the miss through the simulator (the "Differentiable Control Problems"
+  post's setup); one forward pass per shot afterwards. It is the ``aiming`` trainer of
+  ``agents.trainers``, called as every trainer is.
 
 The simulator's derivatives are taken in forward mode (two tangents: angle and counterweight),
 which is about twice as fast as reverse mode here and compiles faster; ``_landing_distance``
@@ -30,7 +31,7 @@ import concurrent.futures
 import dataclasses
 import time
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -38,11 +39,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agents.common import ProgressFn, TrainResult
-from agents.policy import Policy
-from diffgym.envs.trebuchet import Trebuchet, TrebuchetParams, shoot
+from agents.common import (
+    BoundedCache,
+    ProgressFn,
+    RenderFn,
+    TrainResult,
+    config_from_settings,
+    env_cache_key,
+    make_task,
+    resolve_env,
+    tuned_settings,
+)
+from agents.policy import Policy, fold_standardisation, policy_spec
+from diffgym.envs.trebuchet import Trebuchet, TrebuchetParams, TrebuchetState, shoot
 
-ENV_ID = "Trebuchet-v0"
+NAME = "aiming"
+#: ``train`` draws no snapshots of the aiming network to show (``--render``).
+supports_render = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,13 +190,6 @@ def aim(
 # --------------------------------------------------------------------------------------------
 # The neural aiming controller
 # --------------------------------------------------------------------------------------------
-#: Observations ``[target m, wind m/s]`` are standardised with these before the first layer
-#: during training (the task's mean and standard deviation: U(20, 100) and N(0, 5^2)); the
-#: saved policy has them folded into its first layer, so it acts on raw observations.
-OBS_MEAN = (60.0, 0.0)
-OBS_STD = (80.0 / 12**0.5, 5.0)
-
-
 @dataclasses.dataclass
 class AimingConfig:
     """Training the aiming network by backpropagation through the trebuchet simulator."""
@@ -219,18 +225,33 @@ class AimingConfig:
     """Return the weights of the best evaluation (highest ``eval_return``, i.e. smallest mean
     miss) rather than the last ones: late updates can make the mean miss worse again. The pick is
     made on the evaluation tasks, so judge it on others (the comparison and the bench do)."""
-    loss: str = "pseudo_huber"
-    """``"pseudo_huber"``: ``sqrt(rel^2 + 0.001^2)`` of the relative miss ``rel = (d - target) /
-    target``; ``"relative"``: the squared relative miss (the post's squared miss, per metre of
-    target; measured: its error stalls near 0.4-0.9 %); ``"gauss_newton"``:
-    squared miss divided by the squared sensitivity of the distance to the (box-scaled) action
-    (measured: learns slower than "relative" here)."""
+    cost: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Weights of the Trebuchet task's cost terms (``diffgym.envs.trebuchet.TrebuchetTask``):
+    ``reward`` is the absolute miss in m, ``relative_miss`` the pseudo-Huber relative miss
+    ``sqrt(rel^2 + 0.001^2)``, ``rel = (d - target) / target``. Empty: the reward only. Measured
+    before: the squared relative miss (the post's squared miss per metre of target) stalls near
+    0.4-0.9 % error; a Gauss-Newton-scaled squared miss learnt slower still."""
+
+    def __post_init__(self):
+        self.cost = {str(name): float(weight) for name, weight in dict(self.cost).items()}
 
 
-def default_config(env_id: str = ENV_ID) -> AimingConfig:
-    if env_id != ENV_ID:
-        raise ValueError(f"train_aiming trains {ENV_ID} only, got {env_id!r}")
-    return AimingConfig()
+def default_config(env="Trebuchet-v0") -> AimingConfig:
+    """The tuned settings (``[aiming]`` of the env's bundled ``hyperparams.toml``)."""
+    instance, _, spec = resolve_env(env)
+    _require_trebuchet(instance)
+    settings = tuned_settings(instance, NAME)
+    if settings is None:
+        return AimingConfig(cost={"relative_miss": 1.0, "reward": 0.0})
+    return config_from_settings(AimingConfig, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
+
+
+def _require_trebuchet(env) -> None:
+    if not isinstance(env, Trebuchet):
+        raise ValueError(
+            f"the aiming trainer aims a trebuchet (an instance of diffgym.envs.trebuchet.Trebuchet), "
+            f"got {env.name}; train other envs with bptt or ppo"
+        )
 
 
 def _validate(config: AimingConfig) -> None:
@@ -246,31 +267,6 @@ def _validate(config: AimingConfig) -> None:
         )
 
 
-def policy_spec(config: AimingConfig, params: TrebuchetParams | None = None) -> dict:
-    """The ``Policy`` constructor arguments (and ``save_policy``'s spec): a box policy on the env's action box."""
-    p = TrebuchetParams() if params is None else params
-    return {
-        "obs_size": 2,
-        "action_size": 2,
-        "kind": "box",
-        "low": (float(p.angle_min_deg), float(p.counterweight_min_kg)),
-        "high": (float(p.angle_max_deg), float(p.counterweight_max_kg)),
-        "width": config.width,
-        "depth": config.depth,
-        "activation": config.activation,
-    }
-
-
-def _standardise(policy: Policy) -> Policy:
-    """The network trained on standardised observations as one acting on raw ones: the
-    standardisation ``(obs - OBS_MEAN) / OBS_STD`` folded into its first (affine) layer."""
-    mean, std = jnp.asarray(OBS_MEAN), jnp.asarray(OBS_STD)
-    first = policy.mlp.layers[0]
-    weight = first.weight / std
-    bias = first.bias - weight @ mean
-    return eqx.tree_at(lambda p: (p.mlp.layers[0].weight, p.mlp.layers[0].bias), policy, (weight, bias))
-
-
 def _sample_tasks(key: jax.Array, n: int, params: TrebuchetParams) -> jax.Array:
     """``n`` observations ``[target, wind]`` from the env's reset distribution."""
     env = Trebuchet()
@@ -278,42 +274,61 @@ def _sample_tasks(key: jax.Array, n: int, params: TrebuchetParams) -> jax.Array:
     return obs
 
 
-def aiming_errors(policy: Policy, obs: jax.Array, params: TrebuchetParams | None = None) -> jax.Array:
-    """``distance - target`` (m) of ``policy``'s hard actions on a batch of observations."""
+def aiming_errors(
+    policy: Policy, obs: jax.Array, params: TrebuchetParams | None = None, *, policy_obs: jax.Array | None = None
+) -> jax.Array:
+    """``distance - target`` (m) of ``policy``'s hard actions on a batch of observations
+    (``policy_obs``: what the policy sees instead, e.g. standardised observations)."""
     p = TrebuchetParams() if params is None else params
-    actions = jax.vmap(policy)(obs)
+    actions = jax.vmap(policy)(obs if policy_obs is None else policy_obs)
     distances = jax.vmap(lambda w, a: shoot(w, a[0], a[1], p))(obs[:, 1], actions)
     return distances - obs[:, 0]
 
 
-#: Compiled (update, evaluate) pairs of this process, by config.
-_COMPILED: dict[tuple, tuple[Any, Any]] = {}
+#: Compiled (update, evaluate) pairs of this process, by env, params and config.
+_COMPILED = BoundedCache(4)
 
 
-def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | None = None) -> TrainResult:
+def train(
+    env="Trebuchet-v0",
+    config: AimingConfig | None = None,
+    *,
+    seed: int = 0,
+    env_params=None,
+    progress_fn: ProgressFn | None = None,
+    render_fn: RenderFn | None = None,
+) -> TrainResult:
     """Train the aiming network ``[target, wind] -> [angle, counterweight]`` by BPTT through ``shoot``.
 
     Each update draws ``batch_size`` tasks from the env's reset distribution (target ~ U(20, 100) m,
-    wind ~ N(0, 5^2) m/s clipped to +-15), shoots with the network's actions and follows the
-    gradient of ``config.loss`` of the relative miss ``(distance - target) / target`` (Adam with
-    cosine decay), either of the batch itself or, with replay (the default), of minibatches of the
-    recent shots re-aimed through their linearised distances (see the module docstring). Inputs
-    are standardised inside the training network; the returned policy has
-    the standardisation folded into its first layer and acts on raw observations, so
-    ``agents.policy.save_policy(dir, result.policy, result.spec, env_id="Trebuchet-v0")`` and
-    ``load_policy`` work unchanged.
+    wind ~ N(0, 5^2) m/s clipped to +-15 by default), shoots with the network's actions and follows
+    the gradient of the env task's cost with ``config.cost``'s weights (Adam with cosine decay),
+    either of the batch itself or, with replay (the default), of minibatches of the recent shots
+    re-aimed through their linearised distances (see the module docstring). Inputs are
+    standardised with the env spec's ``obs_mean``/``obs_scale`` inside the training network; the
+    returned policy has the standardisation folded into its first layer and acts on raw
+    observations, so ``save_policy``/``load_policy`` work unchanged.
+
+    Args:
+        env: the ``Trebuchet-v0`` id or a ``Trebuchet`` instance (any other env is refused).
+        config: None: ``default_config(env)``, the tuned settings.
+        env_params: ``TrebuchetParams`` to train and evaluate in (default: the env's own).
+        render_fn: not supported (``supports_render`` is False); must be None.
 
     ``curve`` rows: ``env_steps``, ``wall_seconds``, ``eval_return`` (mean reward, i.e. minus the
     mean absolute miss in m), ``median_abs_error_m``, ``median_rel_error``, ``mean_abs_error_m``
     over ``eval_shots`` fixed tasks. ``progress_fn`` gets each row as it is measured.
     """
-    _validate(config)
     start = time.perf_counter()
-    params = TrebuchetParams()
-    spec = policy_spec(config, params)
+    env, params, env_spec = resolve_env(env, env_params)
+    _require_trebuchet(env)
+    if render_fn is not None:
+        raise ValueError("the aiming trainer has no rollouts to show; watch the result with `train-controller play`")
+    config = default_config(env) if config is None else config
+    _validate(config)
+    task = make_task(env_spec, config.cost, field="AimingConfig.cost")
+    spec = policy_spec(env, params, width=config.width, depth=config.depth, activation=config.activation)
     key_init, key_eval, key_train = jax.random.split(jax.random.key(seed), 3)
-    # The network trains on standardised inputs: fold the inverse standardisation in now and
-    # the standardisation back in at the end (both exact affine maps of the first layer).
     policy = Policy(**spec, key=key_init)
     updates = max(1, config.total_env_steps // config.batch_size)
     schedule = optax.cosine_decay_schedule(
@@ -323,46 +338,49 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     weights, static = eqx.partition(policy, eqx.is_array)
     opt_state = optimiser.init(weights)
     eval_obs = _sample_tasks(key_eval, config.eval_shots, params)
-    mean, std = jnp.asarray(OBS_MEAN), jnp.asarray(OBS_STD)
-
-    box = jnp.asarray(spec["high"]) - jnp.asarray(spec["low"])
+    mean, std = np.asarray(env_spec.obs_mean, np.float32), np.asarray(env_spec.obs_scale, np.float32)
+    space = env.action_space(params)
 
     def actions_of(weights, obs):
         net = eqx.combine(weights, static)
-        return jax.vmap(lambda o: net.relaxed((o - mean) / std))(obs)
+        return jax.vmap(lambda o: task.relaxed_action(net.raw((o - mean) / std), space))(obs)
+
+    def cost_of_shots(distances, obs, actions):
+        """The task's mean cost of a batch of shots that landed at ``distances``."""
+
+        def one(distance, obs, action):
+            target, wind = obs
+            zero = jnp.zeros((), distance.dtype)
+            state = TrebuchetState(
+                target=target, wind=wind, release_angle_deg=zero, counterweight_kg=zero, distance=zero,
+                time=jnp.int32(0),
+            )  # fmt: skip
+            shot = dataclasses.replace(
+                state, release_angle_deg=action[0], counterweight_kg=action[1], distance=distance, time=jnp.int32(1)
+            )
+            return task.cost(params, state, action, shot, -jnp.abs(distance - target))
+
+        return jnp.mean(jax.vmap(one)(distances, obs, actions))
 
     # (distances, Jacobians w.r.t. the actions) of a batch of shots: (winds, actions) -> ((n,), (n, 2)).
     shots_and_jacobians = jax.vmap(lambda wind, action: _distance_and_jacobian(wind, action, params))
 
     def loss(weights, obs):
         actions = actions_of(weights, obs)
-        misses = jax.vmap(lambda w, a: _landing_distance(w, a, params))(obs[:, 1], actions) - obs[:, 0]
-        return miss_loss(misses, obs, lambda: shots_and_jacobians(obs[:, 1], actions)[1])
-
-    def miss_loss(misses, obs, jacobians):
-        """``config.loss`` of the misses; ``jacobians()`` gives dd/da (the Gauss-Newton loss only)."""
-        relative = misses / obs[:, 0]
-        if config.loss == "relative":
-            return jnp.mean(relative**2)
-        if config.loss == "pseudo_huber":
-            # Quadratic below 0.1 % of the target, linear above: targets out of reach (whose miss
-            # cannot vanish) pull with bounded force, and the median error is what gets minimised.
-            return jnp.mean(jnp.sqrt(relative**2 + 1e-6))
-        # Gauss-Newton: the miss in box-scaled action units, miss / |dd/da * box| (the
-        # sensitivity held constant), so that every task pulls on the weights with the action
-        # change that would zero its miss, whatever the local slope of the range curve.
-        sensitivity = jax.lax.stop_gradient(jnp.sum((jacobians() * box) ** 2, axis=1))
-        return jnp.mean(misses**2 / jnp.maximum(sensitivity, 1e-6))
+        distances = jax.vmap(lambda w, a: _landing_distance(w, a, params))(obs[:, 1], actions)
+        return cost_of_shots(distances, obs, actions)
 
     def replayed_loss(weights, stored):
         obs, actions, distances, jacobians = stored
-        moved = distances + jnp.sum(jacobians * (actions_of(weights, obs) - actions), axis=1)
+        new_actions = actions_of(weights, obs)
         # The stored Jacobians: replay simulates nothing.
-        return miss_loss(moved - obs[:, 0], obs, lambda: jacobians)
+        moved = distances + jnp.sum(jacobians * (new_actions - actions), axis=1)
+        return cost_of_shots(moved, obs, new_actions)
 
     @jax.jit
     def update(weights, opt_state, key, replay):
-        obs = _sample_tasks(key, config.batch_size, params)
+        key_tasks, key_picks = jax.random.split(key)
+        obs = _sample_tasks(key_tasks, config.batch_size, params)
         if not config.replay_updates:
             value, grads = jax.value_and_grad(loss)(weights, obs)
             changes, opt_state = optimiser.update(grads, opt_state, weights)
@@ -377,9 +395,7 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
         stored = jax.tree.map(lambda old, new: old.at[rows].set(new), stored, shots)
         count = count + config.batch_size
         filled = jnp.minimum(count, config.replay_capacity)
-        picks = jax.random.randint(
-            jax.random.fold_in(key, 1), (config.replay_updates, config.replay_batch), 0, filled
-        )
+        picks = jax.random.randint(key_picks, (config.replay_updates, config.replay_batch), 0, filled)
 
         def replay_step(carry, rows):
             weights, opt_state = carry
@@ -392,7 +408,7 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
 
     @jax.jit
     def evaluate(weights, eval_obs):
-        return aiming_errors(_standardise(eqx.combine(weights, static)), eval_obs, params)
+        return aiming_errors(eqx.combine(weights, static), eval_obs, params, policy_obs=(eval_obs - mean) / std)
 
     curve: list[dict] = []
     compile_seconds = 0.0
@@ -421,14 +437,16 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
     # (observations, actions, distances, Jacobians) of the last `capacity` shots, and a count.
     empty = tuple(jnp.zeros((capacity, *shape)) for shape in ((2,), (2,), (), (2,)))
     replay = (empty, jnp.int32(0)) if config.replay_updates else ()
-    cache_key = dataclasses.astuple(config)
-    if cache_key not in _COMPILED:
+    config_key = tuple((f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config))
+
+    def compile_both():
         # XLA compiles outside the GIL: the update and the evaluator compile side by side on two
         # cores (both hold the simulator's 720-step scan; measured: 12.5 s -> 7.3 s on 2 cores).
         lowered = (update.lower(weights, opt_state, key_train, replay), evaluate.lower(weights, eval_obs))
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            _COMPILED[cache_key] = tuple(pool.map(lambda function: function.compile(), lowered))
-    update_compiled, evaluate_compiled = _COMPILED[cache_key]
+            return tuple(pool.map(lambda function: function.compile(), lowered))
+
+    (update_compiled, evaluate_compiled), _ = _COMPILED.get((env_cache_key(env, params), config_key), compile_both)
     compile_seconds += time.perf_counter() - compile_start
     record(0)
     keys = jax.random.split(key_train, updates)
@@ -437,7 +455,7 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
         weights, opt_state, _, replay = update_compiled(weights, opt_state, keys[i], replay)
         if (i + 1) % eval_every_updates == 0 or i + 1 == updates:
             record((i + 1) * config.batch_size)
-    policy = _standardise(eqx.combine(best[1], static))
+    policy = fold_standardisation(eqx.combine(best[1], static), mean, std)
     return TrainResult(
         policy=policy,
         spec=spec,
@@ -446,9 +464,13 @@ def train_aiming(config: AimingConfig, *, seed: int, progress_fn: ProgressFn | N
         compile_seconds=compile_seconds,
         curve=curve,
         extra={
+            "algo": NAME,
+            "env_id": env.name,
             "final": curve[-1],
             "returned_eval_return": best[0],
-            "obs_standardisation": {"mean": OBS_MEAN, "std": OBS_STD, "folded": True},
+            "task": task.weights(),
+            "obs_standardisation": {"mean": mean.tolist(), "std": std.tolist(), "folded": True},
+            "config": dataclasses.asdict(config),
         },
     )
 

@@ -48,6 +48,9 @@ class EnvSpec:
             differentiable training cost, its named surrogate terms and the training
             transition. ``None``: the base ``Task`` (the env's own reward).
         kwargs: keyword arguments of the env's constructor.
+        obs_format: a ``str.format`` template of an observation ``obs`` for displays, e.g.
+            ``"target {obs[0]:.1f} m  wind {obs[1]:+.1f} m/s"`` (``play`` shows the task of a
+            one-step episode with it). ``None``: not shown.
         gymnasium: keyword arguments of the ``diffgym/<id>`` gymnasium registration that differ
             from what the spec implies: by default ``max_episode_steps`` is the default params'
             ``max_steps_in_episode`` and ``reward_threshold`` the spec's (the Pendulum keeps
@@ -63,6 +66,7 @@ class EnvSpec:
     obs_scale: tuple[float, ...] | None = None
     task: str | type[Task] | None = None
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    obs_format: str | None = None
     gymnasium: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):

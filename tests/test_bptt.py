@@ -18,10 +18,12 @@ import pytest
 
 import diffgym
 from agents import bptt
-from agents.bptt import BPTTConfig, default_config, train
+from agents.bptt import BPTTConfig, ChunkInputs, StepRecord, default_config, train
 from agents.common import evaluate
-from agents.policy import Policy, inward_tanh
-from diffgym.envs.pendulum import PendulumState
+from agents.policy import Policy
+from diffgym.envs.cartpole import CartPoleState
+from diffgym.envs.pendulum import PendulumState, PendulumTask
+from diffgym.task import Task, inward_tanh
 
 
 def _eval(env_id: str, policy: Policy, episodes: int, seed: int = 123) -> np.ndarray:
@@ -67,8 +69,7 @@ def test_pendulum_swings_up_within_1000_env_steps():
     assert [p["env_steps"] for p in result.curve] == [250, 500, 750, 1_000]
 
     initial_setup = bptt._setup("Pendulum-v1", config, seed=0)
-    initial_weights = eqx.combine(initial_setup.carry[0], initial_setup.static)
-    initial = bptt._fold_obs_scale(initial_weights, initial_setup.obs_scale)
+    initial = initial_setup.policy(initial_setup.state.weights)
     before = _eval("Pendulum-v1", initial, episodes=100).mean()
     after = _eval("Pendulum-v1", result.policy, episodes=100).mean()
     assert after >= before + 700 and after >= -250, f"return {before:.0f} -> {after:.0f}"
@@ -97,29 +98,27 @@ def test_inward_tanh_is_tanh_forward_with_an_undamped_way_back():
 
 
 def test_pendulum_speed_clip_is_straight_through_in_training_only():
-    """Where the new speed clips at 8 rad/s, training's next state is the env's exactly, and its
+    """Where the new speed clips at 8 rad/s, the task's training step is the env's exactly, and its
     gradient w.r.t. the torque is the unclipped step's (3 dt / (m l^2) on the speed) instead of 0."""
     env, params = diffgym.make("Pendulum-v1")
     state = PendulumState(theta=jnp.float32(0.3), theta_dot=jnp.float32(7.9), last_u=jnp.float32(0.0), time=jnp.int32(0))
-    config = default_config("pendulum")
+    task, plain = PendulumTask(), Task()  # the base task differentiates the env's step as it is
 
-    def speed(u, config):
-        return bptt._transition("Pendulum-v1", env, params, config, state, u)[0].theta_dot
+    def speed(u, task, state=state):
+        return task.transition(env, None, state, u, params)[0].theta_dot
 
     exact = env.step_env(None, state, jnp.float32(1.5), params)[1]
-    trained = bptt._transition("Pendulum-v1", env, params, config, state, jnp.float32(1.5))[0]
+    trained = task.transition(env, None, state, jnp.float32(1.5), params)[0]
     assert float(exact.theta_dot) == 8.0
     for field in ("theta", "theta_dot", "last_u", "time"):
         assert float(getattr(trained, field)) == float(getattr(exact, field)), field
     expected = 3.0 * params.dt / (params.m * params.l**2)
-    assert float(jax.grad(speed)(jnp.float32(1.5), config)) == pytest.approx(expected, rel=1e-6)
-    plain = dataclasses.replace(config, straight_through_speed_clip=False)
+    assert float(jax.grad(speed)(jnp.float32(1.5), task)) == pytest.approx(expected, rel=1e-6)
     assert float(jax.grad(speed)(jnp.float32(1.5), plain)) == 0.0  # the env's own gradient
     # Below the clip both are the env's gradient.
     slow = dataclasses.replace(state, theta_dot=jnp.float32(1.0))
-    for cfg in (config, plain):
-        grad = jax.grad(lambda u: bptt._transition("Pendulum-v1", env, params, cfg, slow, u)[0].theta_dot)
-        assert float(grad(jnp.float32(1.5))) == pytest.approx(expected, rel=1e-6)
+    for each in (task, plain):
+        assert float(jax.grad(speed)(jnp.float32(1.5), each, slow)) == pytest.approx(expected, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,24 +134,25 @@ def frozen_pendulum():
     return bptt._setup("Pendulum-v1", _WINDOWED, seed=0, optimizer=optax.sgd(0.0))
 
 
-def _no_resets(updates: int) -> jax.Array:
-    """Start draws for a chunk; used only at a reset, and none happens within 1 000 steps."""
-    return jnp.zeros((bptt._updates_per_chunk(_WINDOWED), _WINDOWED.num_envs, _WINDOWED.window, 2))
+def _inputs(setup) -> ChunkInputs:
+    """Inputs of a whole chunk; the reset states are used only at a reset, and none happens within
+    1 000 steps here."""
+    return setup.draw_inputs(bptt._updates_per_chunk(setup.config))
 
 
 def test_truncated_windows_carry_the_state_across_boundaries(frozen_pendulum):
     """Three 7-step windows end where one uninterrupted 21-step rollout of the same policy ends."""
     setup = frozen_pendulum
-    carry, (losses, _) = setup.run_chunk(setup.carry, _no_resets(3), jnp.int32(3))
+    state, (losses, _) = setup.run_chunk(setup.state, _inputs(setup), jnp.int32(3))
     losses = np.asarray(losses)[:3]
     assert np.all(np.isfinite(losses))
     # Each window started where the last stopped, not from the same (or a fresh) state.
     assert len(set(losses.tolist())) == 3
-    end = carry[2]
+    end = state.env_states
     np.testing.assert_array_equal(np.asarray(end.time), [21, 21, 21])
 
     env, params = diffgym.make("Pendulum-v1")
-    policy = bptt._fold_obs_scale(eqx.combine(setup.carry[0], setup.static), setup.obs_scale)
+    policy = setup.policy(setup.state.weights)
 
     def rollout(state):
         def body(state, _):
@@ -161,7 +161,7 @@ def test_truncated_windows_carry_the_state_across_boundaries(frozen_pendulum):
 
         return jax.lax.scan(body, state, None, length=21)[0]
 
-    direct = jax.vmap(rollout)(setup.carry[2])
+    direct = jax.vmap(rollout)(setup.state.env_states)
     np.testing.assert_allclose(np.asarray(end.theta), np.asarray(direct.theta), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(end.theta_dot), np.asarray(direct.theta_dot), rtol=1e-5, atol=1e-6)
 
@@ -175,9 +175,9 @@ def test_env_step_accounting_is_exact(frozen_pendulum):
     setup = frozen_pendulum
     updates = _WINDOWED.total_env_steps // (_WINDOWED.num_envs * _WINDOWED.window)
     assert updates == 47 and bptt._updates_per_chunk(_WINDOWED) > updates
-    carry, (losses, _) = setup.run_chunk(setup.carry, _no_resets(updates), jnp.int32(updates))
-    assert int(jnp.sum(carry[2].time)) == 47 * 3 * 7 == 987
-    assert int(carry[3]) == 47
+    state, (losses, _) = setup.run_chunk(setup.state, _inputs(setup), jnp.int32(updates))
+    assert int(jnp.sum(state.env_states.time)) == 47 * 3 * 7 == 987
+    assert int(state.update) == 47
     assert np.all(np.isnan(np.asarray(losses)[47:]))  # the skipped updates report no loss
 
 
@@ -185,20 +185,20 @@ def test_nan_guard_keeps_the_weights_from_before_the_bad_update():
     """Healthy updates change the weights; a NaN state stops them, keeping the last good ones."""
     config = BPTTConfig(total_env_steps=100, num_envs=1, window=5, episode_length=200, eval_every=50)
     setup = bptt._setup("Pendulum-v1", config, 0)
-    uniforms = jnp.zeros((10, 1, 5, 2))
-    healthy, _ = setup.run_chunk(setup.carry, uniforms, jnp.int32(3))
-    assert int(healthy[4]) == 0 and int(healthy[3]) == 3
-    pairs = zip(jax.tree.leaves(healthy[0]), jax.tree.leaves(setup.carry[0]))
+    inputs = setup.draw_inputs(10)
+    healthy, _ = setup.run_chunk(setup.state, inputs, jnp.int32(3))
+    assert int(healthy.failure.code) == 0 and int(healthy.update) == 3
+    pairs = zip(jax.tree.leaves(healthy.weights), jax.tree.leaves(setup.state.weights))
     assert any(not np.array_equal(new, old) for new, old in pairs)
 
-    bad_states = dataclasses.replace(healthy[2], theta_dot=jnp.full((1,), jnp.nan))
-    carry, _ = setup.run_chunk((healthy[0], healthy[1], bad_states, *healthy[3:]), uniforms, jnp.int32(10))
-    assert int(carry[4]) != 0 and int(carry[5]) == 3  # failed at update 3, the first after the NaN
-    assert int(carry[3]) == 4  # and the nine after it were skipped
-    for new, old in zip(jax.tree.leaves(carry[0]), jax.tree.leaves(healthy[0])):
+    bad_states = dataclasses.replace(healthy.env_states, theta_dot=jnp.full((1,), jnp.nan))
+    state, _ = setup.run_chunk(healthy._replace(env_states=bad_states), inputs, jnp.int32(10))
+    assert int(state.failure.code) != 0 and int(state.failure.update) == 3  # the first update after the NaN
+    assert int(state.update) == 4  # and the nine after it were skipped
+    for new, old in zip(jax.tree.leaves(state.weights), jax.tree.leaves(healthy.weights)):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
     with pytest.raises(FloatingPointError, match=r"update 3 \(env steps 15\.\.20\), first at step 0"):
-        bptt._raise_nonfinite("Pendulum-v1", config, int(carry[5]), int(carry[6]), int(carry[4]))
+        bptt._raise_nonfinite("Pendulum-v1", config, jax.tree.map(int, state.failure))
 
 
 def test_nan_guard_stops_train_with_a_clear_message():
@@ -210,17 +210,19 @@ def test_nan_guard_stops_train_with_a_clear_message():
 
 
 def test_cartpole_rollout_resets_at_termination():
-    """A rollout that crosses the thresholds restarts from the supplied start draw (time 0)."""
+    """A rollout that crosses the thresholds restarts from the supplied reset state (time 0)."""
     config = BPTTConfig(total_env_steps=400, num_envs=1, window=40, episode_length=500, eval_every=400)
     setup = bptt._setup("CartPole-v1", config, 0, optimizer=optax.sgd(0.0))
     # Zero weights and a large output bias: always push right, so the pole falls within 40 steps.
-    weights = jax.tree.map(jnp.zeros_like, setup.carry[0])
+    weights = jax.tree.map(jnp.zeros_like, setup.state.weights)
     weights = eqx.tree_at(lambda w: w.mlp.layers[-1].bias, weights, jnp.full((1,), 5.0))
-    uniforms = jnp.full((1, 1, 40, 4), 0.5)  # the reset state: all four variables 0
-    carry, _ = setup.run_chunk((weights, *setup.carry[1:]), uniforms, jnp.int32(1))
-    state = carry[2]
-    assert 0 < int(state.time[0]) < 40, "the rollout should have reset and restarted within the window"
-    assert abs(float(state.theta[0])) < 0.21
+    inputs = setup.draw_inputs(1)
+    zero = jnp.zeros((1, 1, 40))
+    upright = CartPoleState(x=zero, x_dot=zero, theta=zero, theta_dot=zero, time=zero.astype(jnp.int32))
+    state, _ = setup.run_chunk(setup.state._replace(weights=weights), inputs._replace(starts=upright), jnp.int32(1))
+    after = state.env_states
+    assert 0 < int(after.time[0]) < 40, "the rollout should have reset and restarted within the window"
+    assert abs(float(after.theta[0])) < 0.21
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,11 +230,11 @@ def test_cartpole_rollout_resets_at_termination():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
 def test_linearised_replay_of_a_stored_step_is_the_simulated_step(env_id):
-    """A stored step moved to another action by its Jacobian lands where the simulator lands with
-    that action (both steps are affine in the action inside their clips), and its gradient with
-    respect to the new action is the simulated step's."""
+    """A stored step moved to another action by its Jacobians lands where the simulator lands with
+    that action (both steps are affine in the action inside their clips), with the simulated
+    step's gradient; the stored reward moves by its own Jacobian (exact for CartPole's constant)."""
     env, params = diffgym.make(env_id)
-    config = default_config(env_id)
+    task = diffgym.make_task(env_id, **default_config(env_id).cost)
     rng = np.random.default_rng(0)
     for _ in range(20):
         _, state = env.reset(jax.random.key(int(rng.integers(1 << 30))), params)
@@ -241,53 +243,46 @@ def test_linearised_replay_of_a_stored_step_is_the_simulated_step(env_id):
             stored, new = (jnp.float32(v) for v in rng.uniform(-2, 2, 2))
         else:
             stored, new = jnp.float32(rng.integers(2)), jnp.float32(rng.uniform(0, 1))
-        outcome, jacobian = bptt._transition_with_jacobian(env_id, env, params, config, state, stored)
-        next_state = outcome[0]
+        (next_state, reward, _), jacobians = bptt.transition_with_jacobian(task, env, None, state, stored, params)
+        record = StepRecord(state, env.get_obs(state), stored, next_state, reward, *jacobians)
 
         def replayed(action):
-            return bptt._linearised_next_state(next_state, jacobian, action - stored)
+            return bptt.linearised_step(record, action - stored)[0]
 
         def simulated(action):
-            return bptt._transition(env_id, env, params, config, state, action)[0]
+            return task.transition(env, None, state, action, params)[0]
 
         for got, want in zip(jax.tree.leaves(replayed(new)), jax.tree.leaves(simulated(new))):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         first = lambda f: jax.grad(lambda a: jax.tree.leaves(f(a))[1])(new)  # noqa: E731
         np.testing.assert_allclose(float(first(replayed)), float(first(simulated)), rtol=1e-5)
+        if env_id == "CartPole-v1":
+            assert float(bptt.linearised_step(record, new - stored)[1]) == float(reward)
 
 
 def test_replay_counts_simulated_steps_only_and_stores_each_once():
     """With replay, a chunk of 30 updates simulates 30 windows (2 rollouts x 3 steps): the clocks,
     the store's count and its rows say 180 steps, whatever the replay updates did; the weights
-    moved; the stored next states are the simulator's for the stored actions."""
+    moved; the stored next states are the simulator's for the stored states and actions."""
     config = BPTTConfig(
         total_env_steps=600, num_envs=2, window=3, episode_length=1_000, eval_every=180,
-        energy_weight=30.0, replay_updates=3, replay_batch=16,
+        cost={"reward": 0.0, "next_state_cost": 1.0, "energy": 30.0}, replay_updates=3, replay_batch=16,
     )  # fmt: skip
     setup = bptt._setup("Pendulum-v1", config, seed=0)
-    (stored, count) = setup.carry[9]
-    assert int(count) == 0 and stored[0].shape == (600, 3)  # room for the whole budget
-    uniforms = jnp.zeros((30, 2, 3, 2))
-    replay_uniforms = jnp.asarray(np.random.default_rng(0).random((30, 3, 16), np.float32))
-    carry, (losses, grad_norms) = setup.run_chunk(setup.carry, uniforms, jnp.int32(30), replay_uniforms)
-    assert int(carry[4]) == 0 and np.all(np.isfinite(np.asarray(losses)))
-    assert int(jnp.sum(carry[2].time)) == 180 and int(carry[9][1]) == 180
-    obs, actions, next_states, _ = carry[9][0]
-    assert np.all(np.asarray(next_states.time[:180]) > 0) and np.all(np.asarray(next_states.time[180:]) == 0)
-    pairs = zip(jax.tree.leaves(carry[0]), jax.tree.leaves(setup.carry[0]))
+    assert int(setup.state.replay.count) == 0 and setup.state.replay.steps.obs.shape == (600, 3)  # the whole budget
+    state, (losses, grad_norms) = setup.run_chunk(setup.state, setup.draw_inputs(30), jnp.int32(30))
+    assert int(state.failure.code) == 0 and np.all(np.isfinite(np.asarray(losses)))
+    assert int(jnp.sum(state.env_states.time)) == 180 and int(state.replay.count) == 180
+    stored = state.replay.steps
+    assert np.all(np.asarray(stored.next_state.time[:180]) > 0) and np.all(np.asarray(stored.next_state.time[180:]) == 0)
+    pairs = zip(jax.tree.leaves(state.weights), jax.tree.leaves(setup.state.weights))
     assert any(not np.array_equal(new, old) for new, old in pairs)
 
     env, params = diffgym.make("Pendulum-v1")
-    theta = jnp.arctan2(obs[:180, 1], obs[:180, 0])
-    zeros = jnp.zeros(180)
-    states = PendulumState(theta=theta, theta_dot=obs[:180, 2], last_u=zeros, time=zeros.astype(jnp.int32))
-    simulated = jax.vmap(lambda s, a: env.step_env(None, s, a, params)[1])(states, actions[:180])
-    np.testing.assert_allclose(
-        np.asarray(simulated.theta_dot), np.asarray(next_states.theta_dot[:180]), atol=1e-5
-    )
-    np.testing.assert_allclose(
-        np.asarray(jnp.sin(simulated.theta)), np.asarray(jnp.sin(next_states.theta[:180])), atol=1e-5
-    )
+    states = jax.tree.map(lambda leaf: leaf[:180], stored.state)
+    simulated = jax.vmap(lambda s, a: env.step_env(None, s, a, params)[1])(states, stored.action[:180])
+    np.testing.assert_allclose(np.asarray(simulated.theta_dot), np.asarray(stored.next_state.theta_dot[:180]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(simulated.theta), np.asarray(stored.next_state.theta[:180]), atol=1e-5)
 
 
 def test_replay_nan_guard_drops_the_bad_update():
@@ -295,15 +290,13 @@ def test_replay_nan_guard_drops_the_bad_update():
         total_env_steps=100, num_envs=1, window=1, episode_length=200, eval_every=10, replay_updates=2
     )
     setup = bptt._setup("Pendulum-v1", config, 0)
-    replay_uniforms = jnp.full((10, 2, 64), 0.5)
-    healthy, _ = setup.run_chunk(setup.carry, jnp.zeros((10, 1, 1, 2)), jnp.int32(3), replay_uniforms)
-    assert int(healthy[4]) == 0 and int(healthy[9][1]) == 3
-    bad_states = dataclasses.replace(healthy[2], theta_dot=jnp.full((1,), jnp.nan))
-    carry, _ = setup.run_chunk(
-        (*healthy[:2], bad_states, *healthy[3:]), jnp.zeros((10, 1, 1, 2)), jnp.int32(10), replay_uniforms
-    )
-    assert int(carry[4]) != 0 and int(carry[5]) == 3 and int(carry[9][1]) == 3  # nothing stored
-    for new, old in zip(jax.tree.leaves(carry[0]), jax.tree.leaves(healthy[0])):
+    inputs = setup.draw_inputs(10)
+    healthy, _ = setup.run_chunk(setup.state, inputs, jnp.int32(3))
+    assert int(healthy.failure.code) == 0 and int(healthy.replay.count) == 3
+    bad_states = dataclasses.replace(healthy.env_states, theta_dot=jnp.full((1,), jnp.nan))
+    state, _ = setup.run_chunk(healthy._replace(env_states=bad_states), inputs, jnp.int32(10))
+    assert int(state.failure.code) != 0 and int(state.failure.update) == 3 and int(state.replay.count) == 3
+    for new, old in zip(jax.tree.leaves(state.weights), jax.tree.leaves(healthy.weights)):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
@@ -313,8 +306,10 @@ def test_replay_nan_guard_drops_the_bad_update():
 def test_default_configs_and_bad_inputs():
     assert default_config("CartPole-v1").stop_at_return == 500.0
     assert default_config("diffgym/Pendulum-v1") == default_config("pendulum")
-    with pytest.raises(ValueError, match="BPTT trains"):
-        default_config("Trebuchet-v0")
+    # No tuned BPTT settings for the trebuchet (its gradient trainer is the aiming network):
+    # the generic defaults, whose window fits its one-step episodes and stop is the spec's.
+    generic = default_config("Trebuchet-v0")
+    assert generic.window == 1 and generic.stop_at_return == -1.0 and generic.cost == {}
     with pytest.raises(ValueError, match=r"window \(600\) is longer than episode_length \(500\)"):
         train("CartPole-v1", dataclasses.replace(default_config("CartPole-v1"), window=600))
     with pytest.raises(ValueError, match="num_envs must be a positive integer, got 0"):
@@ -325,15 +320,16 @@ def test_default_configs_and_bad_inputs():
         train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), replay_updates=-1))
     with pytest.raises(ValueError, match="replay_batch must be a positive integer, got 0"):
         train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), replay_batch=0))
-    with pytest.raises(ValueError, match="a critic .* and replay .* do not combine"):
-        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), critic_width=8, discount=0.9))
+    expected = r"BPTTConfig.cost names \['enrgy'\], which PendulumTask .* Did you mean 'energy'\?"
+    with pytest.raises(ValueError, match=expected):
+        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), cost={"enrgy": 1.0}))
 
 
 def test_config_from_json_lists_is_a_cache_key():
     """A list (as JSON gives) is stored as a tuple: the config keys the compiled-chunk cache."""
     config = dataclasses.replace(default_config("Pendulum-v1"), obs_scale=[1, 1, 4])
     assert config.obs_scale == (1.0, 1.0, 4.0)
-    hash(dataclasses.astuple(config))
+    hash(tuple((f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,52 +352,3 @@ def test_pendulum_goal_minus_200_within_4000_steps(seed):
     assert result.env_steps <= 4_000
     returns = _eval("Pendulum-v1", result.policy, episodes=100, seed=1000 + seed)
     assert returns.mean() >= -200, f"seed {seed}: {returns.mean():.1f}"
-
-
-# --------------------------------------------------------------------------------------------
-# The optional critic (SHAC-style bootstrap of the truncated windows)
-# --------------------------------------------------------------------------------------------
-def test_critic_learns_the_discounted_cost_of_a_fixed_policy():
-    """With the policy frozen, the TD(lambda) critic trained on the windows' own states predicts the
-    discounted surrogate cost-to-go that a direct rollout of the policy measures (16 starts from
-    hanging to nearly upright, at rest): within 25% of the spread of those costs, RMS."""
-    config = BPTTConfig(
-        total_env_steps=100_000, num_envs=8, window=8, episode_length=200, eval_every=8 * 8 * 300,
-        discount=0.8, critic_width=32, critic_updates=8, critic_learning_rate=1e-2,
-    )  # fmt: skip
-    setup = bptt._setup("Pendulum-v1", config, seed=0, optimizer=optax.sgd(0.0))
-    updates = bptt._updates_per_chunk(config)
-    uniforms = jnp.asarray(np.random.default_rng(1).random((updates, 8, 8, 2), np.float32))
-    carry, (losses, _) = setup.run_chunk(setup.carry, uniforms, jnp.int32(updates))
-    assert int(carry[4]) == 0 and np.all(np.isfinite(np.asarray(losses)))
-    for new, old in zip(jax.tree.leaves(carry[0]), jax.tree.leaves(setup.carry[0])):
-        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))  # the policy did not move
-
-    env, params = diffgym.make("Pendulum-v1")
-    policy = bptt._fold_obs_scale(eqx.combine(setup.carry[0], setup.static), setup.obs_scale)
-    critic = eqx.combine(carry[7], setup.critic_static)
-    value_scale = bptt._cost_unit("Pendulum-v1", config) / (1 - config.discount)
-    theta = jnp.linspace(-3.0, 3.0, 16)
-    zeros = jnp.zeros(16)
-    starts = PendulumState(theta=theta, theta_dot=zeros, last_u=zeros, time=jnp.zeros(16, jnp.int32))
-
-    def discounted_cost(state):
-        def body(state, step):
-            _, next_state, reward, *_ = env.step_env(None, state, policy(env.get_obs(state)), params)
-            cost = bptt._surrogate_cost("Pendulum-v1", params, config, next_state, reward)
-            return next_state, cost * config.discount**step
-
-        return jax.lax.scan(body, state, jnp.arange(60))[1].sum()  # 0.8^60: the tail is negligible
-
-    measured = jax.vmap(discounted_cost)(starts)
-    predicted = jax.vmap(lambda s: value_scale * critic(env.get_obs(s) / setup.obs_scale)[0])(starts)
-    rms = float(jnp.sqrt(jnp.mean((predicted - measured) ** 2)))
-    assert rms <= 0.25 * float(jnp.std(measured)), f"RMS error {rms:.2f}, costs {np.asarray(measured)}"
-
-
-def test_critic_config_is_checked():
-    with pytest.raises(ValueError, match="set BPTTConfig.discount below 1"):
-        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), critic_width=16))
-    with pytest.raises(ValueError, match="td_lambda must be in"):
-        bad = dataclasses.replace(default_config("Pendulum-v1"), critic_width=16, discount=0.9, td_lambda=2.0)
-        train("Pendulum-v1", bad)

@@ -1,5 +1,6 @@
 """``train-controller``: an end-to-end run on a small budget, its outputs, and its error messages."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 import agents
-from agents.cli import EVAL_EPISODES, main, to_jsonable
+import diffgym
+from agents.cli import main, to_jsonable
+from agents.bptt import default_config
 from agents.common import evaluate_gymnasium
 from agents.policy import load_policy_module
 
@@ -64,7 +67,7 @@ def test_checkpoint_reproduces_actions_and_reported_returns(cartpole_run):
     "argv, message",
     [
         (["--env", "cartpol"], "Did you mean 'cartpole'?"),
-        (["--env", "cartpole", "--algo", "sac"], "unknown --algo 'sac'; choose one of: bptt, ppo"),
+        (["--env", "cartpole", "--algo", "sac"], "unknown --algo 'sac'; choose one of: bptt, ppo, aiming"),
         (["--env", "cartpole", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
         (["--env", "cartpole", "--eval-episodes", "0"], "--eval-episodes must be at least 1, got 0"),
         (["--algo", "bptt"], "--env is required"),
@@ -104,7 +107,9 @@ def test_config_validation_errors_reach_the_user(capsys, monkeypatch):
     [
         (["--help"], ["--env", "--algo", "--seed", "--out", "--render", "--config.learning-rate", "play"]),
         (["--env", "pendulum", "--algo", "ppo", "--help"], ["--config.gae-lambda", "--config.clip-eps"]),
-        (["--env", "trebuchet", "--algo", "ppo", "--help"], ["--config.obs-mean", "--config.reward-scale"]),
+        (["--env", "trebuchet", "--algo", "ppo", "--help"], ["--config.standardise-obs", "--config.reward-scale"]),
+        (["--env", "trebuchet", "--help"], ["--config.replay-capacity", "--config.eval-shots"]),
+        (["--help"], [f"{spec.short_name} ({spec.id})" for spec in map(diffgym.spec, diffgym.registered_envs())]),
         (["play", "--help"], ["--policy", "--record", "--episodes", "bundled"]),
         (["compare", "--help"], ["--seeds", "--out"]),
     ],
@@ -118,10 +123,6 @@ def test_help_documents_every_level(argv, expected, capsys):
 
 def test_help_shows_the_defaults_of_the_chosen_env():
     # tyro prints the default of each --config field: the per-env tuned values, not CartPole's.
-    import dataclasses
-
-    from agents.bptt import default_config
-
     pendulum, cartpole = default_config("pendulum"), default_config("cartpole")
     tuned = [
         field.name
@@ -132,15 +133,20 @@ def test_help_shows_the_defaults_of_the_chosen_env():
     assert tuned, "BPTT's Pendulum defaults should differ from CartPole's somewhere"
     text = subprocess.run(
         [sys.executable, "-m", "agents.cli", "--env", "pendulum", "--help"],
-        capture_output=True, text=True, check=True, env={**_clean_env(), "COLUMNS": "200"},
+        capture_output=True, text=True, check=True, env={**_clean_env(), "COLUMNS": "120"},
     ).stdout  # fmt: skip
     for name in tuned:
         option_help = text.split(f"--config.{name.replace('_', '-')} ", 1)[1].split("--config.", 1)[0]
         assert f"(default: {getattr(pendulum, name)})" in option_help, name
 
 
-def test_eval_episode_counts_follow_the_task():
-    assert EVAL_EPISODES["CartPole-v1"] == 20 and EVAL_EPISODES["Pendulum-v1"] == 100
+def test_eval_episode_counts_follow_the_env_spec(tmp_path):
+    """Without --eval-episodes the final evaluation has the spec's number of episodes."""
+    from agents.cli import run_training
+
+    config = dataclasses.replace(default_config("cartpole"), total_env_steps=100, eval_every=100)
+    metrics = run_training("cartpole", "bptt", out=tmp_path, config=config, progress=False)
+    assert metrics["eval_episodes"] == diffgym.spec("cartpole").eval_episodes == 20
 
 
 def test_to_jsonable_makes_strict_json():

@@ -40,8 +40,7 @@ def test_summary_table_aggregates_over_seeds(tmp_path):
 
 
 def _tiny_comparison(tmp_path, algos):
-    # PPO's 1024 steps are 4 updates of 256: less than one evaluation chunk (8 updates).
-    budgets = {"bptt": 500, "ppo": 1024, "sb3": 512}
+    budgets = {"bptt": 500, "bptt-reward": 300, "ppo": 1024, "ppo-shaped": 1024, "sb3": 512}
     lines = []
     records = compare.run_comparison(
         "cartpole", seeds=1, out_dir=tmp_path, algos=algos,
@@ -59,18 +58,31 @@ def _tiny_comparison(tmp_path, algos):
     saved = json.loads((tmp_path / "compare_cartpole.json").read_text())
     assert len(saved["runs"]) == len(algos) and saved["threshold"] == 475.0
     assert len(lines) == len(algos) + 1
+    return records
 
 
 def test_tiny_comparison_writes_table_plot_and_json(tmp_path):
-    """Fast tier: our PPO and (when installed) the SB3 peer; BPTT joins in the slow tier."""
-    _tiny_comparison(tmp_path, ("ppo", "sb3") if sb3.available() else ("ppo",))
+    """Every row through the one trainer interface (SB3 when installed): the two variant rows are
+    the tuned trainers with one field changed, and the table says what each row is."""
+    algos = compare.ALGORITHMS if sb3.available() else compare.ALGORITHMS[:-1]
+    records = _tiny_comparison(tmp_path, algos)
+    labels = {r.algo: r.label for r in records}
+    assert labels["bptt-reward"] == "BPTT (diffgym), env reward only"
+    assert labels["ppo-shaped"] == "PPO (diffgym, JAX), BPTT's shaped cost"
+    assert "which PPO row it rests on" in (tmp_path / "compare_cartpole.md").read_text()
 
 
-# agents.bptt calls optax.global_norm, deprecated in the installed optax (reported to its owner).
-@pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
-@pytest.mark.slow
-def test_tiny_comparison_of_all_three(tmp_path):
-    _tiny_comparison(tmp_path, ("bptt", "ppo", "sb3") if sb3.available() else ("bptt", "ppo"))
+def test_variant_rows_change_one_setting_only():
+    from agents import bptt, ppo
+
+    tuned, reward_only = compare.comparison_row("bptt", "pendulum"), compare.comparison_row("bptt-reward", "pendulum")
+    assert tuned.config.cost["energy"] > 0  # the surrogate the variants are about
+    assert reward_only.config == dataclasses.replace(bptt.default_config("pendulum"), cost={"reward": 1.0})
+    shaped = compare.comparison_row("ppo-shaped", "pendulum")
+    assert shaped.config == dataclasses.replace(ppo.default_config("pendulum"), shaped_cost=tuned.config.cost)
+    # The trebuchet's gradient trainer is its aiming network: the variants follow it.
+    assert compare.comparison_row("bptt-reward", "trebuchet").trainer == "aiming"
+    assert compare.comparison_row("ppo-shaped", "trebuchet").config.shaped_cost == {"reward": 0.0, "relative_miss": 1.0}
 
 
 def _tiny_trebuchet_comparison(tmp_path, algos, budgets):
@@ -106,14 +118,12 @@ def test_tiny_trebuchet_comparison_ppo_learns(tmp_path):
     assert record.final_return_mean > -8
 
 
-# agents.bptt calls optax.global_norm, deprecated in the installed optax (reported to its owner).
-@pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
 @pytest.mark.slow
 def test_tiny_trebuchet_comparison_of_all_three(tmp_path):
     algos = ("bptt", "ppo", "sb3") if sb3.available() else ("bptt", "ppo")
     records = _tiny_trebuchet_comparison(tmp_path, algos, {"bptt": 640, "ppo": 1024, "sb3": 300})
     labels = {r.algo: r.label for r in records}
-    assert labels["bptt"] == "BPTT (diffgym)"
+    assert labels["bptt"] == "BPTT aiming network (diffgym)"
     if sb3.available():
         assert labels["sb3"] == "SB3 SAC (RL-Zoo's Pendulum settings)"
 

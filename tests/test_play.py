@@ -162,7 +162,7 @@ def test_a_trebuchet_shot_is_recorded_whole(tmp_path):
     gif = tmp_path / "shot.gif"
     (miss,) = play(policy_dir=tmp_path / "aim", record=gif, episodes=1, echo=lines.append)
     assert miss < 0  # the reward is minus the miss distance
-    assert lines[1].startswith("shot 1  target ") and lines[1].endswith(f"miss {-miss:.2f} m")
+    assert lines[1].startswith("episode 1  target ") and lines[1].endswith(f"return {miss:.2f}")
     rendered = int(lines[2].split()[1])  # "recorded N frames (M kept, at 30 fps) to ..."
     assert rendered > 60, "a shot animates over many frames"
     from PIL import Image

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import diffgym
 from agents import trebuchet as aiming
-from agents.policy import Policy, load_policy, save_policy
+from agents.policy import Policy, fold_standardisation, load_policy, policy_spec, save_policy
 from diffgym.envs.trebuchet import TrebuchetParams, shoot
 
 
@@ -49,11 +50,12 @@ def test_aim_hits_every_reachable_target_within_a_centimetre():
 
 
 def test_folded_standardisation_is_exact(key):
-    spec = aiming.policy_spec(aiming.AimingConfig())
-    net = Policy(**spec, key=key)
-    folded = aiming._standardise(net)
+    env, params = diffgym.make("Trebuchet-v0")
+    net = Policy(**policy_spec(env, params, width=16, depth=2), key=key)
+    spec = diffgym.spec(env)
+    folded = fold_standardisation(net, spec.obs_mean, spec.obs_scale)
     obs = jnp.array([[20.0, -15.0], [60.0, 0.0], [100.0, 7.5]])
-    mean, std = jnp.asarray(aiming.OBS_MEAN), jnp.asarray(aiming.OBS_STD)
+    mean, std = jnp.asarray(spec.obs_mean), jnp.asarray(spec.obs_scale)
     np.testing.assert_allclose(jax.vmap(folded)(obs), jax.vmap(lambda o: net((o - mean) / std))(obs), rtol=1e-5)
 
 
@@ -61,11 +63,11 @@ def test_training_learns_on_a_small_budget(tmp_path):
     """100 updates of 32 shots, no replay: the median aiming error drops at least five-fold
     (measured: 0.45 -> 0.012 of the target, 38x)."""
     config = dataclasses.replace(
-        aiming.AimingConfig(), total_env_steps=3200, batch_size=32, eval_every=3200, eval_shots=256,
+        aiming.default_config(), total_env_steps=3200, batch_size=32, eval_every=3200, eval_shots=256,
         replay_updates=0,
     )  # fmt: skip
     rows = []
-    result = aiming.train_aiming(config, seed=0, progress_fn=rows.append)
+    result = aiming.train("trebuchet", config, seed=0, progress_fn=rows.append)
     assert rows == result.curve and [row["env_steps"] for row in rows] == [0, 3200]
     before, after = rows[0]["median_rel_error"], rows[-1]["median_rel_error"]
     assert after < before / 5, (before, after)
@@ -85,15 +87,15 @@ def test_training_returns_the_best_evaluated_network():
     """A step size large enough for the mean miss to get worse again late (checked): the returned
     network is the best evaluation's, and it reproduces that evaluation's mean miss."""
     config = dataclasses.replace(
-        aiming.AimingConfig(), total_env_steps=640, batch_size=32, eval_every=64, eval_shots=256,
-        learning_rate=0.05, replay_updates=0,
+        aiming.default_config(), total_env_steps=640, batch_size=32, eval_every=64, eval_shots=256,
+        learning_rate=0.1, replay_updates=0,
     )  # fmt: skip
-    result = aiming.train_aiming(config, seed=0)
+    result = aiming.train("trebuchet", config, seed=2)
     returns = [row["eval_return"] for row in result.curve]
     best = int(np.argmax(returns))
     assert best < len(returns) - 1 and returns[best] > returns[-1] + 0.5, returns  # the premise
     assert result.extra["returned_eval_return"] == returns[best]
-    eval_obs = aiming._sample_tasks(jax.random.split(jax.random.key(0), 3)[1], 256, TrebuchetParams())
+    eval_obs = aiming._sample_tasks(jax.random.split(jax.random.key(2), 3)[1], 256, TrebuchetParams())
     errors = np.asarray(eqx.filter_jit(aiming.aiming_errors)(result.policy, eval_obs))
     assert -np.mean(np.abs(errors)) == pytest.approx(returns[best], rel=1e-4)
 
@@ -102,24 +104,28 @@ def test_replay_learns_from_few_shots_and_counts_only_simulated_ones():
     """The default (replay: 16 Adam steps on 64 recent shots per batch of 16 new ones) cut to 1 600
     shots: the mean miss over 256 random tasks falls below 3 m (from about 33 m; measured 1.4-1.9 m
     on seeds 0-2 after 1 000 shots), and only the 1 600 simulated shots count."""
-    config = dataclasses.replace(aiming.AimingConfig(), total_env_steps=1600, eval_every=800, eval_shots=256)
-    result = aiming.train_aiming(config, seed=0)
+    config = dataclasses.replace(aiming.default_config(), total_env_steps=1600, eval_every=800, eval_shots=256)
+    result = aiming.train("trebuchet", config, seed=0)
     assert result.env_steps == 1600 and [row["env_steps"] for row in result.curve] == [0, 800, 1600]
     assert result.curve[0]["eval_return"] < -20 and result.extra["returned_eval_return"] > -3.0, result.curve
 
 
 def test_bad_aiming_configs_are_refused_with_the_value():
+    with pytest.raises(ValueError, match="aims a trebuchet .* got CartPole-v1; train other envs with bptt or ppo"):
+        aiming.train("cartpole")
+    with pytest.raises(ValueError, match=r"AimingConfig.cost names \['miss'\]"):
+        aiming.train("trebuchet", dataclasses.replace(aiming.default_config(), cost={"miss": 1.0}))
     with pytest.raises(ValueError, match=r"replay_updates must be an integer >= 0, got -1"):
-        aiming.train_aiming(dataclasses.replace(aiming.AimingConfig(), replay_updates=-1), seed=0)
+        aiming.train("trebuchet", dataclasses.replace(aiming.default_config(), replay_updates=-1), seed=0)
     expected = r"replay_capacity \(8\) must hold at least one batch \(batch_size = 16\)"
     with pytest.raises(ValueError, match=expected):
-        aiming.train_aiming(dataclasses.replace(aiming.AimingConfig(), replay_capacity=8), seed=0)
+        aiming.train("trebuchet", dataclasses.replace(aiming.default_config(), replay_capacity=8), seed=0)
 
 
 @pytest.mark.slow
 def test_default_training_meets_the_accuracy_goal():
     """The default budget: median |miss| at most 0.3 % of the target over 1000 random tasks."""
-    result = aiming.train_aiming(aiming.AimingConfig(), seed=0)
+    result = aiming.train("trebuchet", seed=0)
     assert result.curve[-1]["median_rel_error"] <= 0.003
 
 

@@ -785,4 +785,5 @@ SPEC = EnvSpec(
     obs_mean=(60.0, 0.0),
     obs_scale=(80.0 / math.sqrt(12.0), 5.0),
     task=TrebuchetTask,
+    obs_format="target {obs[0]:.1f} m  wind {obs[1]:+.1f} m/s",
 )
