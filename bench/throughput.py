@@ -21,10 +21,12 @@ only: gymnasium 1.x ships no vectorised Pendulum), all with pre-drawn numpy acti
 XLA reads its flags once, when jax initialises, so every setting (``CONFIGS``) runs in a fresh
 subprocess: XLA's default threading, XLA on one thread pinned to one core, and the batch split
 over two host devices (``--xla_force_host_platform_device_count=2``, one thread each). Libraries
-are compared only within one setting; the headline table uses ``--headline`` (default: two host
-devices). A last subprocess times variants of diffgym's ``step`` (what its speed comes from: the
-key split it skips, the reset draw's threefry layout, the observation computed from the selected
-state, ``jnp.where`` vs ``lax.select``, PRNG implementations and ``jax_threefry_partitionable``) beside gymnax, at batch 4096 and 1, in the headline setting.
+are compared only within one setting; the headline table uses ``--headline`` (default: XLA's
+default threading, the setting users get and the one the goal is stated for). A last subprocess
+times variants of diffgym's ``step`` (what its speed comes from: the key split it skips, the reset
+draw's threefry layout and hand-written alternatives to it, the observation computed from the
+selected state, ``jnp.where`` vs ``lax.select``, PRNG implementations and
+``jax_threefry_partitionable``) beside gymnax, at batch 4096 and 1, in the headline setting.
 
 Needs gymnax 1.0.1 (and ``six``), which pins gymnasium below 1.4, so it lives in its own venv:
 ``python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[render,test,bench]'``.
@@ -88,7 +90,8 @@ CONFIGS: dict[str, Config] = {
         ),
     )
 }
-DEFAULT_HEADLINE = "two-devices"
+#: The setting users get, and the one the throughput goal is stated for.
+DEFAULT_HEADLINE = "default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,13 +268,51 @@ def jax_worker(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # Variants of diffgym's step: where its speed comes from
 # --------------------------------------------------------------------------------------------
-def _uniform_unrolled_threefry(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
-    """Bit for bit ``jax.random.uniform`` (threefry keys, float32), with the hash written out at
-    every batch size (``diffgym.core.threefry2x32_written_out``)."""
+# The hand-written Threefry draws below live here only, as measured alternatives to the shipped
+# reset draw (``diffgym.core.uniform``: ``jax.random.uniform`` in the non-partitionable layout).
+# diffgym itself uses public ``jax.random`` only.
+
+#: Threefry-2x32's rotation constants, for even and odd blocks of four rounds.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def bits_to_uniform(bits, minval, maxval):
+    """``jax.random.uniform``'s float32 map from 32 random bits to [minval, maxval): 23 mantissa
+    bits in [1, 2), minus 1, scaled."""
     import jax
     import jax.numpy as jnp
 
-    from diffgym.core import bits_to_uniform, threefry2x32_written_out
+    minval = jnp.asarray(minval, jnp.float32)
+    maxval = jnp.asarray(maxval, jnp.float32)
+    mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+    return jax.lax.max(minval, unit * (maxval - minval) + minval)
+
+
+def threefry2x32_written_out(key1, key2, first_counts, second_counts) -> tuple[list, list]:
+    """Threefry-2x32 (20 rounds) of the blocks ``(first_counts[j], second_counts[j])`` under the key
+    ``(key1, key2)``, written out as plain ``uint32`` arithmetic: the same bits as jax's
+    ``threefry2x32``, which jax lowers on CPU to a rolled 5-iteration loop."""
+    import jax.numpy as jnp
+
+    schedule = (key1, key2, key1 ^ key2 ^ jnp.uint32(0x1BD11BDA))
+    firsts = [jnp.uint32(count) + key1 for count in first_counts]
+    seconds = [jnp.uint32(count) + key2 for count in second_counts]
+    for block in range(5):
+        for bits in _ROTATIONS[block % 2]:
+            firsts = [x + y for x, y in zip(firsts, seconds)]
+            left, right = jnp.uint32(bits), jnp.uint32(32 - bits)
+            seconds = [x ^ ((y << left) | (y >> right)) for x, y in zip(firsts, seconds)]
+        firsts = [x + schedule[(block + 1) % 3] for x in firsts]
+        seconds = [y + schedule[(block + 2) % 3] + jnp.uint32(block + 1) for y in seconds]
+    return firsts, seconds
+
+
+def _uniform_unrolled_threefry(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
+    """Bit for bit ``jax.random.uniform`` (threefry keys, float32), with the hash written out at
+    every batch size (``threefry2x32_written_out``)."""
+    import jax
+    import jax.numpy as jnp
 
     data = jax.random.key_data(key)
     key1, key2, size = data[0], data[1], int(np.prod(shape))
@@ -286,12 +327,57 @@ def _uniform_unrolled_threefry(key, shape=(), dtype=None, minval=0.0, maxval=1.0
     return bits_to_uniform(jnp.stack(words).reshape(shape), minval, maxval)
 
 
+#: Below this many envs under ``vmap`` the per-block draw writes the hash out; from it on it binds
+#: jax's ``threefry2x32`` primitive once per block (the draw diffgym shipped before 2026-12).
+_LOOPED_HASH_FROM_BATCH = 64
+
+
+def _uniform_per_block(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
+    """The reset draw diffgym shipped until it went back to ``jax.random.uniform``: the same bits
+    (non-partitionable layout), hashed block by block on scalar counters, batched by a
+    ``jax.custom_batching.custom_vmap`` -- written out below 64 envs, jax's ``threefry2x32``
+    primitive (``jax.extend.random.threefry2x32_p``, not a stable API) per block from there.
+    Kept in the bench only, to measure what the public draw costs against it."""
+    import jax
+    import jax.extend
+    import jax.numpy as jnp
+
+    size = int(np.prod(shape))
+    counts = list(range(size)) + [0] * (size % 2)
+    half = len(counts) // 2
+
+    def written_out(key1, key2):
+        firsts, seconds = threefry2x32_written_out(key1, key2, counts[:half], counts[half:])
+        return jnp.stack((firsts + seconds)[:size], axis=-1)
+
+    def looped(key1, key2):
+        def count(value):
+            return jnp.full(key1.shape, value, jnp.uint32)
+
+        blocks = [
+            jax.extend.random.threefry2x32_p.bind(key1, key2, count(counts[j]), count(counts[half + j]))
+            for j in range(half)
+        ]
+        return jnp.stack(([b[0] for b in blocks] + [b[1] for b in blocks])[:size], axis=-1)
+
+    @jax.custom_batching.custom_vmap
+    def bits(key_words):
+        return written_out(key_words[0], key_words[1])
+
+    @bits.def_vmap
+    def _batched(axis_size, in_batched, key_words):
+        if not in_batched[0]:
+            return bits(key_words), False
+        hash_ = written_out if axis_size < _LOOPED_HASH_FROM_BATCH else looped
+        return hash_(key_words[..., 0], key_words[..., 1]), True
+
+    return bits_to_uniform(bits(jax.random.key_data(key)).reshape(shape), minval, maxval)
+
+
 def _uniform_from_split_bits(key, shape=(), dtype=None, minval=0.0, maxval=1.0):
     """Same distribution, half the hashes: the 2 words of each ``jax.random.split`` key are used
     as random bits, so n uniforms cost ceil(n/2) threefry hashes instead of n (partitionable)."""
     import jax
-
-    from diffgym.core import bits_to_uniform
 
     size = int(np.prod(shape))
     words = jax.random.key_data(jax.random.split(key, (size + 1) // 2)).reshape(-1)[:size]
@@ -310,15 +396,18 @@ def _uniform_jax(partitionable: bool):
     return draw
 
 
-#: Variant name -> replacement for the envs' reset draw (``diffgym.core.uniform``) while the
-#: rollout is traced. The shipped draw hashes block by block on scalar counters; these draw
-#: the same distribution otherwise (the first and the third: the very same bits).
+#: Variant name -> replacement for the envs' reset draw (``diffgym.core.uniform``, which is
+#: ``jax.random.uniform`` in the non-partitionable layout) while the rollout is traced. The
+#: per-block and unrolled draws give the very same bits; the other two the same distribution.
 RESET_DRAWS = {
-    "diffgym step, reset draw by jax.random.uniform (same bits)": _uniform_jax(False),
-    "diffgym step, reset draw in jax's partitionable layout": _uniform_jax(True),
+    "diffgym step, reset draw in jax's partitionable layout (jax's default)": _uniform_jax(True),
+    "diffgym step, reset draw per block, custom_vmap (the hand-written draw shipped before; same bits)":
+        _uniform_per_block,
     "diffgym step, reset draw with unrolled threefry (same bits)": _uniform_unrolled_threefry,
     "diffgym step, reset draw from split-key bits (half the hashes)": _uniform_from_split_bits,
 }
+#: The variant that measures the key-safety alternative: split every step's key as gymnax does.
+KEY_SPLIT_VARIANT = "diffgym step, key always split (as gymnax; step_env gets a key it ignores)"
 
 
 @contextlib.contextmanager
@@ -337,8 +426,10 @@ def _reset_draw(variant: str):
     def draw(key, shape, minval=0.0, maxval=1.0):
         import jax
 
+        from diffgym.core import RESET_DRAW_PARTITIONABLE
+
         # The shipped draw's layout, unless the variant sets its own.
-        with jax.threefry_partitionable(False):
+        with jax.threefry_partitionable(RESET_DRAW_PARTITIONABLE):
             return replacement(key, shape, None, minval, maxval)
 
     for module in modules:
@@ -361,7 +452,8 @@ def _variant_envs(env_id: str):
     base = type(shipped)
 
     class WithKeySplit(base):
-        """Splits the step key as gymnax does, although the transition ignores it."""
+        """Splits the step key as gymnax does, although the transition ignores it: the other
+        key-safe design (the shipped one gives a deterministic ``step_env`` no key)."""
 
         deterministic_transition = False
 
@@ -376,7 +468,7 @@ def _variant_envs(env_id: str):
 
         def step(self, key, state, action, params=None):
             params = self.default_params if params is None else params
-            obs_st, state_st, reward, terminated, info = self.step_env(key, state, action, params)
+            obs_st, state_st, reward, terminated, info = self.step_env(None, state, action, params)
             truncated = self.is_truncated(state_st, params)
             done = jnp.logical_or(terminated, truncated)
             obs_re, state_re = self.reset_env(key, params)
@@ -390,12 +482,12 @@ def _variant_envs(env_id: str):
 
         def step(self, key, state, action, params=None):
             params = self.default_params if params is None else params
-            obs, state, reward, terminated, info = self.step_env(key, state, action, params)
+            obs, state, reward, terminated, info = self.step_env(None, state, action, params)
             return obs, state, reward, terminated, self.is_truncated(state, params), info
 
     return {
         "diffgym step (shipped)": shipped,
-        "diffgym step, key split as gymnax": WithKeySplit(),
+        KEY_SPLIT_VARIANT: WithKeySplit(),
         "diffgym step, observations selected as gymnax": WithSelectedObservation(),
         "diffgym step, lax.select": WithLaxSelect(),
         **{name: base() for name in RESET_DRAWS},
@@ -409,12 +501,19 @@ def variants_worker(args) -> dict:
 
     rows = []
     partitionable = bool(jax.config.jax_threefry_partitionable)
-    for seed in range(8):  # the "same bits" claim of the unrolled reset draw, checked every run
+    for seed in range(8):  # the "same bits" claims of the hand-written reset draws, checked every run
         key, shape, low, high = jax.random.key(seed), (4,), -0.05, 0.05
         reference = jax.jit(lambda k: jax.random.uniform(k, shape, minval=low, maxval=high))(key)
         unrolled = jax.jit(lambda k: _uniform_unrolled_threefry(k, shape, None, low, high))(key)
         if not np.array_equal(np.asarray(reference), np.asarray(unrolled)):
             raise AssertionError(f"unrolled threefry draw differs from jax.random.uniform: {unrolled} vs {reference}")
+        keys = jax.random.split(key, 70)  # both batched forms of the per-block draw: 70 and 1 envs
+        for batch in (keys, keys[:1]):
+            with jax.threefry_partitionable(False):
+                reference = jax.jit(jax.vmap(lambda k: jax.random.uniform(k, shape, minval=low, maxval=high)))(batch)
+            per_block = jax.jit(jax.vmap(lambda k: _uniform_per_block(k, shape, None, low, high)))(batch)
+            if not np.array_equal(np.asarray(reference), np.asarray(per_block)):
+                raise AssertionError("per-block threefry draw differs from jax.random.uniform (non-partitionable)")
     for env_id in ENV_IDS:
         _, params = _make_envs("diffgym", env_id)
         gymnax_env, gymnax_params = _make_envs("gymnax", env_id)
@@ -428,7 +527,7 @@ def variants_worker(args) -> dict:
                 cases.append((f"diffgym step, {impl} keys", diffgym_env, params, impl))
                 cases.append((f"gymnax step, {impl} keys", gymnax_env, gymnax_params, impl))
         else:
-            kept = ("diffgym step (shipped)", "gymnax step", next(iter(RESET_DRAWS)))
+            kept = ("diffgym step (shipped)", "gymnax step", KEY_SPLIT_VARIANT)
             cases = [c for c in cases if c[0] in kept]
         for batch_size in args.batch_sizes:
             calls, compile_s = {}, {}
@@ -696,6 +795,19 @@ def render_markdown(results: dict, args) -> str:
     worst = min(ratios, key=ratios.get)
     lines.append(f"- lowest ratio over all batch sizes: {ratios[worst]:.2f}× ({worst[0]}, batch {worst[1]}) "
                  f"(goal ≥ 1×: {'met' if ratios[worst] >= 1.0 else 'NOT met'})")
+    if 4096 in args.batch_sizes:
+        others = []
+        for name in results["configs"]:
+            if name == headline:
+                continue
+            config_rows = jax_results[name]["rows"]
+            cells = [
+                f"{env_id} {_ratio(_rate(config_rows, env=env_id, library='diffgym', function='step', batch=4096), _rate(config_rows, env=env_id, library='gymnax', function='step', batch=4096))}"
+                for env_id in ENV_IDS
+            ]
+            others.append(f"`{name}`: " + ", ".join(cells))
+        if others:
+            lines.append("- the same ratio at batch 4096 in the other settings: " + "; ".join(others))
     lines.append("")
     lines.append("Run-to-run noise, (max − min) / median over the repeats of each cell, median [largest] over "
                  "the cells of a setting: " + "; ".join(
@@ -742,27 +854,34 @@ def render_markdown(results: dict, args) -> str:
             "",
             "Each diffgym row changes one thing in the shipped `step`. `rbg`/`unsafe_rbg` rows pass "
             "keys of that PRNG implementation (`jax.random.key(seed, impl=...)`) to both libraries; "
-            "the last block reruns with `JAX_THREEFRY_PARTITIONABLE=0`. The *floor* is not a valid `step` "
-            "(no auto-reset): it bounds what any reset scheme can reach. The shipped reset draw "
-            "(`diffgym.core.uniform`) hashes block by block on scalar counters, written out below 64 envs "
-            "and with jax's looped hash from there; *jax.random.uniform (same bits)* is the draw it "
-            "replaces. *Unrolled threefry (same bits)*: the hash written out at every batch size (checked "
-            "bit-identical at the start of every run). *Split-key bits*: the same distribution "
+            "the last block reruns with `JAX_THREEFRY_PARTITIONABLE=0` (gymnax's draws then take the "
+            "non-partitionable layout too). The *floor* is not a valid `step` (no auto-reset): it bounds "
+            "what any reset scheme can reach. The shipped reset draw (`diffgym.core.uniform`) is "
+            "`jax.random.uniform` in JAX's non-partitionable Threefry layout "
+            "(`jax.threefry_partitionable(False)`), and the shipped `step` gives a deterministic "
+            "`step_env` no key. *Key always split*: the other key-safe design, gymnax's. *Per block, "
+            "custom_vmap*: the hand-written draw diffgym shipped before (same bits; jax's private-ish "
+            "`jax.extend` threefry primitive, so it lives in this bench only). *Unrolled threefry (same "
+            "bits)*: the hash written out at every batch size. Both are checked bit-identical to "
+            "`jax.random.uniform` at the start of every run. *Split-key bits*: the same distribution "
             "(23-bit float32 uniforms) from half the hashes, but other draws for a given key. M env-steps/s:",
             "",
-            "| variant | env | batch | M steps/s | min–max over repeats | vs gymnax `step` (same block) |",
-            "|---|---|---:|---:|---:|---:|",
+            "| variant | env | batch | M steps/s | min–max over repeats | vs gymnax `step` (same block) "
+            "| vs shipped diffgym `step` (same block) |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for block in results["variants"]:
             for row in block["rows"]:
                 reference = _rate(block["rows"], env=row["env"], variant="gymnax step", batch=row["batch"])
+                shipped = _rate(block["rows"], env=row["env"], variant="diffgym step (shipped)", batch=row["batch"])
                 label = row["variant"] + ("" if row["threefry_partitionable"] else " [partitionable off]")
                 if "error" in row:
-                    lines.append(f"| {label} | {row['env']} | {row['batch']} | failed: {row['error']} | — | — |")
+                    lines.append(f"| {label} | {row['env']} | {row['batch']} | failed: {row['error']} | — | — | — |")
                     continue
                 low, high = row["spread"]
                 lines.append(f"| {label} | {row['env']} | {row['batch']} | {row['steps_per_s'] / 1e6:.2f} "
-                             f"| {low / 1e6:.2f}–{high / 1e6:.2f} | {_ratio(row['steps_per_s'], reference)} |")
+                             f"| {low / 1e6:.2f}–{high / 1e6:.2f} | {_ratio(row['steps_per_s'], reference)} "
+                             f"| {_ratio(row['steps_per_s'], shipped)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,11 +9,9 @@ The signatures follow gymnax 1.x, so a trainer written for gymnax runs on diffgy
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Generic, TypeVar, dataclass_transform
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,117 +43,26 @@ class EnvParams:
     max_steps_in_episode: int = 1
 
 
+#: The Threefry layout of the envs' reset draws (``uniform``): ``False`` is JAX's
+#: non-partitionable layout, ``jax.threefry_partitionable(False)``. See ``uniform`` for why.
+RESET_DRAW_PARTITIONABLE = False
+
+
 def uniform(key: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0) -> jax.Array:
-    """``jax.random.uniform(key, shape, minval=minval, maxval=maxval)`` in JAX's non-partitionable
-    Threefry layout (``jax.threefry_partitionable(False)``), bit for bit, hashed block by block.
+    """The envs' reset draw: exactly ``jax.random.uniform(key, shape, minval=minval,
+    maxval=maxval)`` under ``jax.threefry_partitionable(RESET_DRAW_PARTITIONABLE)``.
 
-    Same generator (Threefry-2x32, 20 rounds), same float conversion. The non-partitionable layout
-    reads both 32-bit words of each hash block where the partitionable default (JAX >= 0.5) xors
-    them into one, so a draw costs half the blocks; the envs' reset draws are small per-env vectors
-    (under ``vmap``, one per env), which the default layout exists to shard and these never need.
-
-    For float32 draws from Threefry keys the hash is computed here, block by block on scalar
-    counters (``_threefry_bits``): under ``vmap`` each block is then a hash of ``(batch,)`` vectors,
-    not of a ``(batch, blocks)`` array whose short minor axis vectorises poorly, and below 64 envs
-    it is written out rather than run as jax's rolled loop. Measured on 2 CPU cores against
-    ``jax.random.uniform`` in the same layout (CartPole's auto-resetting ``step``, one process,
-    interleaved repeats): at batch 1, 16x more steps/s; with the batch split over two host devices,
-    1.15x at 256 and 4096; with XLA's default threading on one device, 0.7-0.8x at 256 and 4096
-    (bench/results/throughput.md has both libraries in every setting). Other keys (``rbg``, ...)
-    and float64 draws (``jax_enable_x64``) go through ``jax.random.uniform``.
+    JAX's default Threefry layout (partitionable, since JAX 0.5) hashes one block per random word
+    so that a draw can be sharded; the non-partitionable layout reads both words of a block, so a
+    draw costs half the hashes. A reset draw is a vector of 2-4 numbers per env (under ``vmap``,
+    one per env), never sharded, so it takes the cheaper layout: measured on 2 CPU cores in
+    ``bench/results/throughput.md`` (variant study). The layout is a documented JAX config
+    context, read while tracing; the caller's own setting is restored afterwards. Keys of any
+    implementation (typed or raw ``uint32[2]``) and float64 (``jax_enable_x64``) work as they do
+    in ``jax.random.uniform``.
     """
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float_)
-    if dtype != jnp.float32 or not _is_threefry_key(key):
-        with jax.threefry_partitionable(False):
-            return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
-    return _uniform_from_bits(jax.random.key_data(key), tuple(shape), minval, maxval)
-
-
-# Jitted, as jax.random.uniform is: the same fusion (and so the same last bit) when called eagerly.
-@functools.partial(jax.jit, static_argnums=1)
-def _uniform_from_bits(key_words, shape, minval, maxval):
-    return bits_to_uniform(_threefry_bits(int(np.prod(shape)))(key_words).reshape(shape), minval, maxval)
-
-
-def bits_to_uniform(bits: jax.Array, minval, maxval) -> jax.Array:
-    """``jax.random.uniform``'s float32 map from 32 random bits to [minval, maxval): 23 mantissa
-    bits in [1, 2), minus 1, scaled."""
-    minval = jnp.asarray(minval, jnp.float32)
-    maxval = jnp.asarray(maxval, jnp.float32)
-    mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
-    return jax.lax.max(minval, unit * (maxval - minval) + minval)
-
-
-#: Below this many envs under ``vmap`` the hash is written out (no loop); from it on, each block
-#: is one ``threefry2x32`` call, which jax lowers on CPU to a rolled loop: per call it costs a
-#: few microseconds (at batch 1, 35x the written-out hash), per env less (at batch 256, 1.1x
-#: faster; at 16384, 1.8x).
-_LOOPED_HASH_FROM_BATCH = 64
-#: Threefry-2x32's rotation constants, for even and odd blocks of four rounds.
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def threefry2x32_written_out(key1, key2, first_counts, second_counts) -> tuple[list, list]:
-    """Threefry-2x32 (20 rounds) of the blocks ``(first_counts[j], second_counts[j])`` under the key
-    ``(key1, key2)``, written out as plain ``uint32`` arithmetic: the same bits as jax's
-    ``threefry2x32`` primitive, which jax lowers on CPU to a rolled 5-iteration loop."""
-    schedule = (key1, key2, key1 ^ key2 ^ jnp.uint32(0x1BD11BDA))
-    firsts = [jnp.uint32(count) + key1 for count in first_counts]
-    seconds = [jnp.uint32(count) + key2 for count in second_counts]
-    for block in range(5):
-        for bits in _ROTATIONS[block % 2]:
-            firsts = [x + y for x, y in zip(firsts, seconds)]
-            left, right = jnp.uint32(bits), jnp.uint32(32 - bits)
-            seconds = [x ^ ((y << left) | (y >> right)) for x, y in zip(firsts, seconds)]
-        firsts = [x + schedule[(block + 1) % 3] for x in firsts]
-        seconds = [y + schedule[(block + 2) % 3] + jnp.uint32(block + 1) for y in seconds]
-    return firsts, seconds
-
-
-@functools.lru_cache(maxsize=None)
-def _threefry_bits(size: int):
-    """``key_words (uint32[2]) -> uint32[size]``: the bits of ``jax.random.bits(key, (size,))`` in
-    the non-partitionable layout. Counters ``0 .. size-1`` are padded with a 0 to even length;
-    block ``j`` hashes ``(counts[j], counts[half + j])``; the words come out as every block's first
-    word, then every block's second. Batched (``vmap``) by ``custom_vmap``: see
-    ``_LOOPED_HASH_FROM_BATCH``. Integer in, integer out: nothing here is differentiated."""
-    counts = list(range(size)) + [0] * (size % 2)
-    half = len(counts) // 2
-
-    def written_out(key1, key2):
-        firsts, seconds = threefry2x32_written_out(key1, key2, counts[:half], counts[half:])
-        return jnp.stack((firsts + seconds)[:size], axis=-1)
-
-    def looped(key1, key2):
-        def count(value):
-            return jnp.full(key1.shape, value, jnp.uint32)
-
-        blocks = [
-            jax.extend.random.threefry2x32_p.bind(key1, key2, count(counts[j]), count(counts[half + j]))
-            for j in range(half)
-        ]
-        return jnp.stack(([b[0] for b in blocks] + [b[1] for b in blocks])[:size], axis=-1)
-
-    @jax.custom_batching.custom_vmap
-    def bits(key_words):
-        return written_out(key_words[0], key_words[1])
-
-    @bits.def_vmap
-    def _batched(axis_size, in_batched, key_words):
-        if not in_batched[0]:
-            return bits(key_words), False
-        hash_ = written_out if axis_size < _LOOPED_HASH_FROM_BATCH else looped
-        return hash_(key_words[..., 0], key_words[..., 1]), True
-
-    return bits
-
-
-def _is_threefry_key(key) -> bool:
-    """A typed Threefry key or a raw ``uint32[2]`` key of the default (Threefry) implementation."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return str(jax.random.key_impl(key)) == "threefry2x32"
-    return key.shape == (2,) and str(jax.random.key_impl(key)) == "threefry2x32"
+    with jax.threefry_partitionable(RESET_DRAW_PARTITIONABLE):
+        return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
 
 
 TState = TypeVar("TState", bound=EnvState)
@@ -224,9 +131,13 @@ class Environment(Generic[TState, TParams]):
     does). ``step_env`` never stops gradients.
     """
 
-    #: Whether ``step_env`` ignores its key. Such envs use the whole ``step`` key for the auto-reset
-    #: draw instead of splitting it, which saves one RNG call per step (a large share of the cost of
-    #: a small env's step).
+    #: Whether ``step_env`` draws no random numbers. ``step`` then hands ``step_env`` no key at
+    #: all (``key=None``: an env that sets this and still draws from its key fails loudly while
+    #: tracing) and gives its whole key to the auto-reset draw, the only draw of the step. Random
+    #: transitions (False) get ``jax.random.split(key)``: one key for ``step_env``, the other for
+    #: the reset. Either way no key feeds two draws. Skipping the split is a measured choice: the
+    #: split is one more Threefry hash per env and step, a large share of a small env's step
+    #: (``bench/results/throughput.md``, variant "key split as gymnax").
     deterministic_transition: bool = False
     #: Whether the observation is ``get_obs(state, params)`` everywhere (``reset_env`` and
     #: ``step_env`` return exactly that; no observation noise). ``step`` then computes the
@@ -249,11 +160,16 @@ class Environment(Generic[TState, TParams]):
         (``terminated | truncated``) ``obs`` and ``state`` are a fresh reset and the last
         observation and state of the finished episode are ``info["final_observation"]`` and
         ``info["final_state"]`` (unused entries cost nothing under ``jit``).
+
+        Keys: ``key`` feeds each random draw of the step exactly once. With
+        ``deterministic_transition`` the transition gets ``key=None`` and the reset draws from
+        ``key``; otherwise ``key_step, key_reset = jax.random.split(key)``, as gymnax does. The
+        caller gives every step a fresh key (``jax.random.split`` per step, as in a gymnax rollout).
         """
         if params is None:
             params = self.default_params
         if self.deterministic_transition:
-            key_step = key_reset = key
+            key_step, key_reset = None, key  # step_env draws nothing: no key to reuse
         else:
             key_step, key_reset = jax.random.split(key)
         obs_st, state_st, reward, terminated, info = self.step_env(key_step, state, action, params)

@@ -322,45 +322,152 @@ def test_accepted_action_shapes_give_the_same_transition(env_id, key):
 
 
 # --------------------------------------------------------------------------------------------
-# The reset draw: jax.random.uniform's bits, one Threefry block at a time
+# The reset draw: jax.random.uniform in the documented Threefry layout
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(1,), (2,), (3,), (4,), (5,), (2, 3)])
-def test_uniform_is_jax_random_uniform_in_the_non_partitionable_layout(shape):
-    """Bit for bit, eagerly and under jit(vmap), for typed and raw Threefry keys, with scalar and
-    per-entry bounds."""
-    from diffgym.core import uniform
+def _reference_uniform(key, shape, low, high):
+    """``jax.random.uniform`` in the layout ``diffgym.core.uniform`` documents."""
+    from diffgym.core import RESET_DRAW_PARTITIONABLE
 
-    low, high = -jnp.arange(1.0, 1.0 + np.prod(shape)).reshape(shape), 0.05
+    with jax.threefry_partitionable(RESET_DRAW_PARTITIONABLE):
+        return jax.random.uniform(key, shape, minval=low, maxval=high)
 
-    def reference(key, low, high):
-        with jax.threefry_partitionable(False):
-            return jax.random.uniform(key, shape, minval=low, maxval=high)
+
+RESET_DRAWS = {  # env id -> (state fields in draw order, shape, low, high)
+    "CartPole-v1": (("x", "x_dot", "theta", "theta_dot"), (4,), -0.05, 0.05),
+    "Pendulum-v1": (("theta", "theta_dot"), (2,), -jnp.array([jnp.pi, 1.0]), jnp.array([jnp.pi, 1.0])),
+}
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_reset_is_jax_random_uniform_in_the_documented_layout(env_id):
+    """Bit for bit: eagerly, under jit, under vmap and nested vmap, for typed and raw keys."""
+    env, params = diffgym.make(env_id)
+    fields, shape, low, high = RESET_DRAWS[env_id]
+
+    def drawn(state):
+        return jnp.stack([getattr(state, name) for name in fields], axis=-1)
 
     for key in (jax.random.key(3), jax.random.PRNGKey(4)):
-        drawn = uniform(key, shape, low, high)
-        np.testing.assert_array_equal(np.asarray(drawn), np.asarray(reference(key, low, high)))
-    # Both batched forms: written out (below 64 envs) and jax's looped hash per block.
-    for batch in (33, 70):
-        keys = jax.random.split(jax.random.key(batch), batch)
-        batched = jax.jit(jax.vmap(lambda k: uniform(k, shape, -0.05, 0.05)))(keys)
-        expected = jax.jit(jax.vmap(lambda k: reference(k, -0.05, 0.05)))(keys)
-        np.testing.assert_array_equal(np.asarray(batched), np.asarray(expected))
-    nested = jax.random.split(jax.random.key(6), (3, 70))
-    batched = jax.jit(jax.vmap(jax.vmap(lambda k: uniform(k, shape, -0.05, 0.05))))(nested)
-    expected = jax.jit(jax.vmap(jax.vmap(lambda k: reference(k, -0.05, 0.05))))(nested)
-    np.testing.assert_array_equal(np.asarray(batched), np.asarray(expected))
+        np.testing.assert_array_equal(drawn(env.reset(key, params)[1]), _reference_uniform(key, shape, low, high))
+        np.testing.assert_array_equal(
+            drawn(jax.jit(env.reset)(key, params)[1]), jax.jit(_reference_uniform, static_argnums=1)(key, shape, low, high)
+        )
+    for keys in (jax.random.split(jax.random.key(5), 70), jax.random.split(jax.random.key(6), (3, 33))):
+        batched_reset, batched_reference = env.reset, lambda k: _reference_uniform(k, shape, low, high)
+        for _ in range(keys.ndim):
+            batched_reset = jax.vmap(batched_reset, in_axes=(0, None))
+            batched_reference = jax.vmap(batched_reference)
+        states = jax.jit(batched_reset)(keys, params)[1]
+        np.testing.assert_array_equal(drawn(states), jax.jit(batched_reference)(keys))
+    # The layout is set for the draw only: the caller's setting is left as it was.
+    before = jax.config.jax_threefry_partitionable
+    env.reset(jax.random.key(0), params)
+    assert jax.config.jax_threefry_partitionable == before
 
 
-def test_uniform_falls_back_for_other_keys_and_float64():
+def test_uniform_takes_other_key_implementations_and_float64():
     from diffgym.core import uniform
 
     key = jax.random.key(0, impl="rbg")
-    with jax.threefry_partitionable(False):
-        expected = jax.random.uniform(key, (4,))
-    np.testing.assert_array_equal(np.asarray(uniform(key, (4,))), np.asarray(expected))
+    np.testing.assert_array_equal(uniform(key, (4,)), _reference_uniform(key, (4,), 0.0, 1.0))
     with jax.enable_x64(True):
         draw = uniform(jax.random.key(0), (4,), -1.0, 1.0)
-        with jax.threefry_partitionable(False):
-            expected = jax.random.uniform(jax.random.key(0), (4,), minval=-1.0, maxval=1.0)
         assert draw.dtype == jnp.float64
-        np.testing.assert_array_equal(np.asarray(draw), np.asarray(expected))
+        np.testing.assert_array_equal(draw, _reference_uniform(jax.random.key(0), (4,), -1.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: Environment.step never feeds one key to two draws (a noisy env: tests/noisy_env.py)
+# --------------------------------------------------------------------------------------------
+def test_step_splits_the_key_between_the_transition_and_the_reset():
+    """The transition's noise is ``noise(split(key)[0])`` and the reset's draw
+    ``start_position(split(key)[1])``: two keys, as gymnax, and neither is the step's own key."""
+    from noisy_env import NoisyDrift, NoisyDriftParams
+
+    env = NoisyDrift()
+    every_step_resets = NoisyDriftParams(max_steps_in_episode=1)
+    keys = jax.random.split(jax.random.key(11), 8)
+    _, states = jax.vmap(env.reset, in_axes=(0, None))(keys, every_step_resets)
+    actions = jnp.zeros((8, 2))
+    step_keys = jax.random.split(jax.random.key(12), 8)
+    _, next_states, _, _, truncated, info = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))(
+        step_keys, states, actions, every_step_resets
+    )
+    assert bool(truncated.all())
+    key_step, key_reset = jax.vmap(jax.random.split, out_axes=1)(step_keys)
+    noise = jax.vmap(env.noise, in_axes=(0, None))
+    start = jax.vmap(env.start_position, in_axes=(0, None))
+    # To float32 rounding (jit fuses the scaling differently); any other key is far off.
+    np.testing.assert_allclose(info["noise"], noise(key_step, every_step_resets), rtol=1e-6)
+    np.testing.assert_allclose(next_states.position, start(key_reset, every_step_resets), rtol=1e-6)
+    np.testing.assert_allclose(info["final_state"].position, states.position + info["noise"], rtol=1e-6)
+    for other in (step_keys, key_reset):
+        assert not np.any(np.isclose(info["noise"], noise(other, every_step_resets)))
+    for other in (step_keys, key_step):
+        assert not np.any(np.isclose(next_states.position, start(other, every_step_resets)))
+
+
+def test_step_draws_are_uncorrelated_where_one_key_would_correlate_them():
+    """Over 4096 steps that all reset, the transition's noise and the reset's draw are
+    uncorrelated (|r| < 0.06, 4 standard errors). Drawn from ONE key they would be almost
+    perfectly correlated (``normal`` maps the same uniform bits monotonically): the control."""
+    from noisy_env import NoisyDrift, NoisyDriftParams
+
+    env = NoisyDrift()
+    params = NoisyDriftParams(max_steps_in_episode=1)
+    n = 4096
+    keys = jax.random.split(jax.random.key(13), n)
+    states = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(jax.random.key(14), n), params)[1]
+    _, next_states, _, _, _, info = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))(
+        keys, states, jnp.zeros((n, 2)), params
+    )
+    for i in range(2):
+        r = np.corrcoef(np.asarray(info["noise"][:, i]), np.asarray(next_states.position[:, i]))[0, 1]
+        assert abs(r) < 0.06, (i, r)
+    same_key_noise = jax.vmap(env.noise, in_axes=(0, None))(keys, params)
+    same_key_start = jax.vmap(env.start_position, in_axes=(0, None))(keys, params)
+    assert np.corrcoef(np.asarray(same_key_noise[:, 0]), np.asarray(same_key_start[:, 0]))[0, 1] > 0.9
+
+
+def test_a_rollout_never_draws_the_same_numbers_twice():
+    """A gymnax-style rollout (a fresh key per step) of 8 noisy envs, 60 steps, episodes of 7:
+    every transition noise and every reset draw is distinct from every other, so no key was used
+    for two draws, within a step, across consecutive steps or across envs."""
+    from noisy_env import NoisyDrift, NoisyDriftParams
+
+    env = NoisyDrift()
+    params = NoisyDriftParams(max_steps_in_episode=7)
+    rollouts = jax.jit(jax.vmap(gymnax_style_rollout, in_axes=(0, None, None, None)), static_argnums=(1, 3))
+    _, _, _, _, _, next_states, terminated, truncated, info = rollouts(
+        jax.random.split(jax.random.key(15), 8), env, params, 60
+    )
+    done = np.asarray(terminated | truncated)
+    assert done.sum() >= 8 * 8
+    draws = np.concatenate([np.asarray(info["noise"]).reshape(-1, 2), np.asarray(next_states.position)[done]])
+    assert len({tuple(row) for row in draws.tolist()}) == len(draws)
+    # Consecutive steps of one env: uncorrelated noise (lag-1 correlation over 8 x 59 pairs).
+    noise = np.asarray(info["noise"][..., 0])
+    assert abs(np.corrcoef(noise[:, :-1].ravel(), noise[:, 1:].ravel())[0, 1]) < 0.2
+
+
+def test_a_deterministic_transition_gets_no_key():
+    """``deterministic_transition`` hands ``step_env`` ``key=None``: an env that declares it and
+    still draws from its key fails while tracing instead of reusing the reset's key."""
+    from noisy_env import NoisyDrift
+
+    class Mislabelled(NoisyDrift):
+        deterministic_transition = True
+
+    env = Mislabelled()
+    _, state = env.reset(jax.random.key(0))
+    with pytest.raises(TypeError, match="PRNG key"):
+        env.step(jax.random.key(1), state, jnp.zeros(2))
+    for env_id in ENV_IDS:  # the shipped deterministic envs: step_env works without a key
+        env, params = diffgym.make(env_id)
+        _, state = env.reset(jax.random.key(0), params)
+        action = env.action_space(params).sample(jax.random.key(1))
+        np.testing.assert_allclose(
+            jax.jit(env.step)(jax.random.key(2), state, action, params)[5]["final_observation"],
+            env.step_env(None, state, action, params)[0],
+            rtol=1e-6,
+        )
