@@ -105,11 +105,21 @@ class _Leaf:
     key_impl: Any = None
 
 
+def _key_impl(key) -> Any:
+    """The PRNG implementation (``jax.random.key_impl``) of a typed key array or of its
+    ``ShapeDtypeStruct``: ``key_impl`` takes arrays, so a struct is traced (nothing runs)."""
+    found = []
+    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), key)
+    return found[0]
+
+
 class _WordLayout:
     """Where each leaf of a pytree lives in a 1-D ``uint32`` vector.
 
     4- and 8-byte leaves are bit-cast (exact for every value, NaN payloads included); 1- and 2-byte
-    leaves take one word each; PRNG keys are stored as their key data.
+    leaves take one word each; PRNG keys are stored as their key data (``jax.random.key_data``)
+    and rebuilt with their implementation (``jax.random.key_impl``, ``jax.random.wrap_key_data``).
+    ``example`` may hold arrays or ``jax.ShapeDtypeStruct``s (as ``jax.eval_shape`` gives).
     """
 
     def __init__(self, example):
@@ -126,8 +136,7 @@ class _WordLayout:
             else:
                 dtype = np.dtype(leaf.dtype)
                 words = int(np.prod(leaf.shape, dtype=int)) * (2 if dtype.itemsize == 8 else 1)
-            # The key dtype knows its implementation (threefry, rbg); None falls back to the default.
-            key_impl = getattr(dtype, "_impl", None) if is_key else None
+            key_impl = _key_impl(leaf) if is_key else None
             self.leaves.append(
                 _Leaf(tuple(leaf.shape), dtype, start, start + words, is_key, key_data_shape, key_impl)
             )
@@ -222,8 +231,10 @@ class _SingleKernels:
             example_action = jax.ShapeDtypeStruct(tuple(action_space.shape), jnp.float32)
         key_struct = jax.eval_shape(lambda: jax.random.key(0))
         _, state_struct = jax.eval_shape(lambda k: env.reset_env(k, params), key_struct)
+        # A deterministic transition gets no key (as in Environment.step), here and in ``step``.
+        step_key_struct = key_struct if self.random_transition else None
         step_out = jax.eval_shape(
-            lambda k, s, a: env.step_env(k, s, a, params), key_struct, state_struct, example_action
+            lambda k, s, a: env.step_env(k, s, a, params), step_key_struct, state_struct, example_action
         )
         carry_struct = (key_struct, state_struct) if self.random_transition else state_struct
         self.state_struct = state_struct
@@ -267,12 +278,13 @@ class _SingleKernels:
         def step(buffer, action):
             trace_counts[(name, "step")] += 1
             carry = self.carry.unpack(buffer[: self.carry.size])
+            # Keys: the carried key is split on every step (one half carried on, one for
+            # step_env), so no key feeds two draws; the reset kernel draws from a fresh seed.
             if self.random_transition:
                 key, state = carry
                 key, key_step = jax.random.split(key)
             else:
-                # step_env ignores its key; a constant one costs nothing at run time.
-                state, key_step = carry, jax.random.key(0)
+                state, key_step = carry, None  # step_env draws nothing: no key is carried
             obs, state, reward, terminated, info = env.step_env(key_step, state, action, params)
             return assemble((key, state) if self.random_transition else state, obs, reward, terminated, info)
 
@@ -627,10 +639,12 @@ class _VectorKernels:
         def step(buffer, actions):
             trace_counts[(name, "vector_step")] += 1
             key, state, prev_done = self.carry.unpack(buffer[: self.carry.size])
+            # Keys: every step splits the carried key into the next carried key, the reset
+            # draws' key and (random transitions only) one step key per env; step_env of a
+            # deterministic transition gets none, as in Environment.step.
             if env.deterministic_transition:
-                # step_env ignores its key: one constant key for all envs, no draws.
                 key, key_reset = jax.random.split(key)
-                step_keys, key_axis = jax.random.key(0), None
+                step_keys, key_axis = None, None
             else:
                 key, key_step, key_reset = jax.random.split(key, 3)
                 step_keys, key_axis = jax.random.split(key_step, num_envs), 0

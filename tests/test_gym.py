@@ -519,6 +519,95 @@ def test_generic_vector_env_one_shot_episodes():
 
 
 # ------------------------------------------------------------------------------------------------
+# Keys: the shells never feed one key to two draws (a noisy env: tests/noisy_env.py)
+# ------------------------------------------------------------------------------------------------
+def test_shell_steps_draw_from_a_fresh_split_key_every_step():
+    """The single-env shell splits its carried key on every step and gives step_env the second
+    half: each step's noise is ``noise(split(carried key)[1])``, and no two steps draw alike."""
+    from noisy_env import NoisyDrift
+
+    functional = NoisyDrift()
+    params = functional.default_params
+    env = dgym.DiffgymEnv(functional)
+    env.reset(seed=0)
+    zero = np.zeros(2, np.float32)
+    noises = []
+    for _ in range(200):
+        carried_key, _ = env._kernels.get_carry(env._buffer)
+        _, _, terminated, _, info = env.step(zero)
+        expected = functional.noise(jax.random.split(carried_key)[1], params)
+        np.testing.assert_allclose(info["noise"], expected, rtol=1e-6)
+        assert not np.allclose(info["noise"], functional.noise(carried_key, params))
+        noises.append(info["noise"])
+        if terminated:
+            env.reset()
+    noises = np.stack(noises)
+    assert len({tuple(row) for row in noises.tolist()}) == len(noises)
+    assert abs(np.corrcoef(noises[:-1, 0], noises[1:, 0])[0, 1]) < 0.25  # consecutive steps
+    # Reproducible under a seed, and the reset's draw is not the first step's noise (other keys).
+    again = dgym.DiffgymEnv(functional)
+    again.reset(seed=0)
+    np.testing.assert_array_equal(again.step(zero)[4]["noise"], noises[0])
+    starts, firsts = [], []
+    for seed in range(150):
+        starts.append(again.reset(seed=seed)[0])
+        firsts.append(again.step(zero)[4]["noise"])
+    r = np.corrcoef(np.stack(starts)[:, 0], np.stack(firsts)[:, 0])[0, 1]
+    assert abs(r) < 0.35, r  # 4 standard errors over 150 seeds; one shared key gives r > 0.9
+
+
+def test_vector_shell_draws_are_all_distinct_across_envs_steps_and_resets():
+    """16 noisy envs, 40 steps with zero actions, episodes of 6 steps (NEXT_STEP autoreset):
+    every env's noise on every step and every reset draw differs from every other draw."""
+    from noisy_env import NoisyDrift
+
+    num_envs = 16
+    envs = dgym.DiffgymVectorEnv(NoisyDrift(), num_envs=num_envs, max_episode_steps=6)
+    obs, _ = envs.reset(seed=3)
+    draws = [obs]  # the first reset draws
+    previous_done = np.zeros(num_envs, bool)
+    for _ in range(40):
+        next_obs, _, terminated, truncated, _ = envs.step(np.zeros((num_envs, 2), np.float32))
+        # A restarted env returns its reset draw; every other env moved by its noise alone.
+        draws.append(np.where(previous_done[:, None], next_obs, next_obs - obs))
+        obs, previous_done = next_obs, terminated | truncated
+    draws = np.concatenate(draws)
+    assert len({tuple(row) for row in draws.tolist()}) == len(draws)
+
+
+def test_shells_give_a_deterministic_transition_no_key():
+    """A transition declared deterministic gets ``key=None`` in the shells too, so an env that
+    draws from it anyway fails when the step is traced instead of drawing from a constant key."""
+    from noisy_env import NoisyDrift
+
+    class Mislabelled(NoisyDrift):
+        deterministic_transition = True
+
+    with pytest.raises(TypeError, match="PRNG key"):
+        dgym.DiffgymEnv(Mislabelled())
+    envs = dgym.DiffgymVectorEnv(Mislabelled(), num_envs=2)
+    envs.reset(seed=0)
+    with pytest.raises(TypeError, match="PRNG key"):
+        envs.step(np.zeros((2, 2), np.float32))
+
+
+def test_word_layout_round_trips_keys_of_every_implementation():
+    """Keys are stored as their key data and rebuilt with their own implementation (public
+    ``jax.random`` API only), from a layout built on ``jax.eval_shape`` structs."""
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        keys = jax.random.split(jax.random.key(7, impl=impl), 3)
+        tree = {"keys": keys, "x": jnp.arange(3.0), "flag": jnp.array([True, False, True])}
+        layout = dgym._WordLayout(jax.eval_shape(lambda: tree))
+        words = jax.jit(layout.pack)(tree)
+        assert words.dtype == jnp.uint32 and words.shape == (layout.size,)
+        back = jax.jit(layout.unpack)(words)
+        assert jax.random.key_impl(back["keys"]) == jax.random.key_impl(keys)
+        np.testing.assert_array_equal(jax.random.key_data(back["keys"]), jax.random.key_data(keys))
+        np.testing.assert_array_equal(back["x"], tree["x"])
+        np.testing.assert_array_equal(back["flag"], tree["flag"])
+
+
+# ------------------------------------------------------------------------------------------------
 # Stable-Baselines3, the main consumer of the shell
 # ------------------------------------------------------------------------------------------------
 def test_stable_baselines3_accepts_the_shells():
