@@ -365,7 +365,8 @@ def _train_command(argv: list[str]) -> int:
     wants_help = any(a in ("-h", "--help") for a in argv)
     if known.env is None and not wants_help:
         raise UsageError(f"--env is required: one of {_env_list()}; see `{PROG} --help`")
-    env_id = _resolve_env(known.env) if known.env is not None else "CartPole-v1"
+    # `--help` without --env shows the first registered env's defaults.
+    env_id = _resolve_env(known.env) if known.env is not None else diffgym.registered_envs()[0]
     module = algorithm_module(known.algo, env_id)
     config = _default_config(module, env_id)
     env_default = known.env if known.env is not None else tyro.MISSING

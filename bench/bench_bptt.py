@@ -147,8 +147,8 @@ SETTINGS = {
 }
 #: The Pendulum's default before replay (2026-11-22): online 2-step windows over 20 000 steps.
 PLAIN_PENDULUM = {
-    "total_env_steps": 20_000, "window": 2, "learning_rate": 1e-2, "energy_weight": 1000.0,
-    "replay_updates": 0, "eval_every": 1_000,
+    "total_env_steps": 20_000, "window": 2, "learning_rate": 1e-2,
+    "cost": {"reward": 0.0, "next_state_cost": 1.0, "energy": 1000.0}, "replay_updates": 0, "eval_every": 1_000,
 }  # fmt: skip
 #: (label, env id, config overrides, goal threshold, goal env steps, goal wall seconds, final episodes)
 RUNS = (
@@ -174,7 +174,7 @@ def _worker(run_index: int, seed: int) -> dict:
     import numpy as np
 
     from agents.bptt import default_config, train
-    from agents.common import evaluate_gymnasium
+    from agents.common import evaluate_gymnasium, numpy_policy
 
     label, env_id, overrides, threshold, *_rest, final_episodes = RUNS[run_index]
     config = dataclasses.replace(default_config(env_id), **overrides)
@@ -183,15 +183,7 @@ def _worker(run_index: int, seed: int) -> dict:
     cpu_seconds = time.process_time() - cpu_start
 
     reached = next((p for p in result.curve if p["eval_return"] >= threshold), None)
-    import equinox as eqx
-
-    weights, static = eqx.partition(result.policy, eqx.is_array)
-    act = jax.jit(lambda weights, obs: eqx.combine(weights, static)(obs))
-    if result.policy.kind == "bernoulli":
-        policy = lambda obs: int(act(weights, np.asarray(obs, np.float32)))  # noqa: E731
-    else:
-        policy = lambda obs: np.asarray(act(weights, np.asarray(obs, np.float32)), np.float32)  # noqa: E731
-    returns = evaluate_gymnasium(policy, env_id, episodes=final_episodes, seed=10_000 + 1_000 * seed)
+    returns = evaluate_gymnasium(numpy_policy(result.policy), env_id, episodes=final_episodes, seed=10_000 + 1_000 * seed)
     extra = result.extra
     return {
         "run": label,

@@ -107,8 +107,8 @@ def main() -> None:
         policy, header_json = load_policy_module(ASSETS)
         metrics = json.loads((ASSETS / "metrics.json").read_text())
     else:
-        config = aiming.AimingConfig()
-        result = aiming.train_aiming(config, seed=args.seed)
+        config = aiming.default_config()
+        result = aiming.train("trebuchet", config, seed=args.seed)
         policy = result.policy
         metrics = {
             "config": vars(config),
@@ -119,7 +119,7 @@ def main() -> None:
             "curve": result.curve,
             "machine": header,
         }
-        save_policy(ASSETS, policy, result.spec, env_id="Trebuchet-v0", trained_by="agents.trebuchet.train_aiming")
+        save_policy(ASSETS, policy, result.spec, env_id="Trebuchet-v0", trained_by="agents.trebuchet.train")
         atomic_write_text(ASSETS / "metrics.json", json.dumps(metrics, indent=2))
     errors = np.asarray(aiming.aiming_errors(policy, jnp.asarray(obs)))
     relative = np.abs(errors) / obs[:, 0]
