@@ -225,6 +225,38 @@ def test_cartpole_rollout_resets_at_termination():
     assert abs(float(after.theta[0])) < 0.21
 
 
+def test_a_random_transition_gets_a_fresh_key_every_step():
+    """On a noisy env, every simulated step's noise is the one drawn from that step's own key of
+    the chunk's inputs (all distinct), and every restart is the reset drawn from a key of its own:
+    the frozen chunk reproduces a step-by-step loop over those keys."""
+    from noisy_env import NoisyDrift
+
+    env = NoisyDrift()
+    config = BPTTConfig(total_env_steps=60, num_envs=2, window=5, eval_every=30, cost={"reward": 1.0})
+    setup = bptt._setup(env, config, seed=0, optimizer=optax.sgd(0.0))
+    inputs = setup.draw_inputs(bptt._updates_per_chunk(setup.config))
+    data = np.asarray(jax.random.key_data(inputs.keys)).reshape(-1, 2)
+    assert len({tuple(row) for row in data}) == len(data)
+    starts = np.asarray(inputs.starts.position).reshape(-1, 2)
+    assert len({tuple(row) for row in starts}) == len(starts)  # every reset state drawn apart
+
+    state, _ = setup.run_chunk(setup.state, inputs, jnp.int32(3))
+    policy = setup.policy(setup.state.weights)
+    params = dataclasses.replace(env.default_params, max_steps_in_episode=setup.config.episode_length)
+    for rollout in range(2):
+        current = jax.tree.map(lambda leaf: leaf[rollout], setup.state.env_states)
+        for update in range(3):
+            for step in range(5):
+                key = inputs.keys[update, rollout, step]
+                _, current, _, terminated, info = env.step_env(key, current, policy(env.get_obs(current)), params)
+                np.testing.assert_allclose(info["noise"], env.noise(key, params), rtol=1e-6, atol=1e-7)
+                if bool(terminated) or int(current.time) >= params.max_steps_in_episode:
+                    current = jax.tree.map(lambda leaf: leaf[update, rollout, step], inputs.starts)
+        np.testing.assert_allclose(
+            np.asarray(state.env_states.position[rollout]), np.asarray(current.position), rtol=1e-4, atol=1e-5
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Replay: stored steps re-acted through their action Jacobians
 # --------------------------------------------------------------------------------------------
