@@ -1,7 +1,7 @@
 """diffgym's environments, one module each; every module's ``SPEC`` is registered here."""
 
-from diffgym.envs import cartpole, pendulum, trebuchet
+from diffgym.envs import acrobot, cartpole, continuous_mountain_car, mountain_car, pendulum, trebuchet
 from diffgym.registry import register
 
-for _module in (cartpole, pendulum, trebuchet):
+for _module in (cartpole, pendulum, trebuchet, acrobot, mountain_car, continuous_mountain_car):
     register(_module.SPEC)
