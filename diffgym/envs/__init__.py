@@ -1,7 +1,7 @@
 """diffgym's environments, one module each; every module's ``SPEC`` is registered here."""
 
-from diffgym.envs import acrobot, cartpole, continuous_mountain_car, mountain_car, pendulum, trebuchet
+from diffgym.envs import acrobot, cartpole, continuous_mountain_car, lotka_volterra, mountain_car, pendulum, trebuchet
 from diffgym.registry import register
 
-for _module in (cartpole, pendulum, trebuchet, acrobot, mountain_car, continuous_mountain_car):
+for _module in (cartpole, pendulum, trebuchet, acrobot, mountain_car, continuous_mountain_car, lotka_volterra):
     register(_module.SPEC)

@@ -135,6 +135,14 @@ class CartPole(Environment[CartPoleState, CartPoleParams]):
     def get_obs(self, state: CartPoleState, params=None, key=None) -> jax.Array:
         return jnp.stack([state.x, state.x_dot, state.theta, state.theta_dot])
 
+    def state_from_obs(self, obs, params: CartPoleParams | None = None) -> CartPoleState:
+        """The state an observation ``[x, x_dot, theta, theta_dot]`` shows: the observation is the
+        state. ``time`` (not observed) is 0. ``diffgym.identify`` fits params through this."""
+        obs = jnp.asarray(obs)
+        return CartPoleState(
+            x=obs[0], x_dot=obs[1], theta=obs[2], theta_dot=obs[3], time=jnp.zeros((), jnp.int32)
+        )
+
     def is_terminated(self, state: CartPoleState, params: CartPoleParams) -> jax.Array:
         return (
             (state.x < -params.x_threshold)

@@ -106,6 +106,19 @@ class Pendulum(Environment[PendulumState, PendulumParams]):
     def get_obs(self, state: PendulumState, params=None, key=None) -> jax.Array:
         return jnp.stack([jnp.cos(state.theta), jnp.sin(state.theta), state.theta_dot])
 
+    def state_from_obs(self, obs, params: PendulumParams | None = None) -> PendulumState:
+        """The state an observation ``[cos(theta), sin(theta), theta_dot]`` shows, with
+        ``theta = atan2(sin, cos)`` in (-pi, pi] (the unwrapped angle is not observable, and no
+        step depends on the wrap: the dynamics see ``sin(theta)``, the reward the wrapped angle).
+        ``last_u``, the previous torque, is not in the observation and enters neither the
+        transition nor the reward (it is only drawn), so it is 0. ``time`` is 0.
+        ``diffgym.identify`` fits params through this."""
+        obs = jnp.asarray(obs)
+        theta = jnp.arctan2(obs[1], obs[0])
+        return PendulumState(
+            theta=theta, theta_dot=obs[2], last_u=jnp.zeros_like(theta), time=jnp.zeros((), jnp.int32)
+        )
+
     def is_terminated(self, state: PendulumState, params: PendulumParams) -> jax.Array:
         return jnp.zeros((), bool)
 
