@@ -33,6 +33,9 @@ _RENDERERS: dict[str, object] = {
     "CartPole-v1": "diffgym.render.cartpole:CartPoleRenderer",
     "Pendulum-v1": "diffgym.render.pendulum:PendulumRenderer",
     "Trebuchet-v0": "diffgym.render.trebuchet:TrebuchetRenderer",
+    "Acrobot-v1": "diffgym.render.acrobot:AcrobotRenderer",
+    "MountainCar-v0": "diffgym.render.mountain_car:MountainCarRenderer",
+    "MountainCarContinuous-v0": "diffgym.render.mountain_car:MountainCarContinuousRenderer",
 }
 
 
