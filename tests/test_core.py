@@ -12,10 +12,19 @@ import pytest
 
 import diffgym
 from diffgym.core import Box, Discrete
+from diffgym.envs.acrobot import Acrobot, AcrobotParams, AcrobotState
 from diffgym.envs.cartpole import CartPole, CartPoleParams, CartPoleState
+from diffgym.envs.continuous_mountain_car import MountainCarContinuous, MountainCarContinuousParams
+from diffgym.envs.mountain_car import MountainCar, MountainCarParams, MountainCarState
 from diffgym.envs.pendulum import Pendulum, PendulumParams, PendulumState
 
-ENV_CLASSES = {"CartPole-v1": CartPole, "Pendulum-v1": Pendulum}
+ENV_CLASSES = {
+    "CartPole-v1": CartPole,
+    "Pendulum-v1": Pendulum,
+    "Acrobot-v1": Acrobot,
+    "MountainCar-v0": MountainCar,
+    "MountainCarContinuous-v0": MountainCarContinuous,
+}
 ENV_IDS = list(ENV_CLASSES)
 
 
@@ -118,7 +127,8 @@ def gymnax_style_rollout(rng_input, env, env_params, steps_in_episode):
     return scan_out
 
 
-@pytest.mark.parametrize("env_id", ENV_IDS)
+# CartPole and Pendulum: the checks below are theirs (every episode ends within the 260 steps).
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_gymnax_style_scan_rollout_with_auto_reset(env_id):
     env, params = diffgym.make(env_id)
     steps, batch = 260, 8
@@ -230,6 +240,17 @@ def test_jit_vmap_and_scan_agree_with_plain_calls(env_id):
 STATE_FIELDS = {
     "CartPole-v1": (CartPoleState, CartPoleParams, {"x", "x_dot", "theta", "theta_dot", "time"}),
     "Pendulum-v1": (PendulumState, PendulumParams, {"theta", "theta_dot", "last_u", "time"}),
+    "Acrobot-v1": (AcrobotState, AcrobotParams, {"theta1", "theta2", "dtheta1", "dtheta2", "time"}),
+    "MountainCar-v0": (MountainCarState, MountainCarParams, {"position", "velocity", "time"}),
+    "MountainCarContinuous-v0": (MountainCarState, MountainCarContinuousParams, {"position", "velocity", "time"}),
+}
+#: One physical param of each env, to change.
+A_PHYSICAL_PARAM = {
+    "CartPole-v1": "masspole",
+    "Pendulum-v1": "m",
+    "Acrobot-v1": "link_mass_2",
+    "MountainCar-v0": "gravity",
+    "MountainCarContinuous-v0": "power",
 }
 
 
@@ -253,7 +274,7 @@ def test_state_and_params_are_frozen_pytree_dataclasses(env_id, key):
     # replace returns a changed copy and leaves the original alone.
     later = dataclasses.replace(state, time=state.time + 3)
     assert int(later.time) == 3 and int(state.time) == 0
-    heavier_name = "masspole" if env_id == "CartPole-v1" else "m"
+    heavier_name = A_PHYSICAL_PARAM[env_id]
     heavier = dataclasses.replace(params, **{heavier_name: 0.5})
     assert getattr(heavier, heavier_name) == 0.5 and params == env.default_params
 
@@ -301,7 +322,7 @@ def test_wrong_action_shape_says_what_was_received_and_what_is_accepted(env_id, 
     env, params = diffgym.make(env_id)
     _, state = env.reset(key, params)
     bad_action = jnp.zeros(bad_shape)
-    accepted = "scalar" if env_id == "CartPole-v1" else r"\(\) or \(1,\)"
+    accepted = "scalar" if env_id in ("CartPole-v1", "Acrobot-v1") else r"\(\) or \(1,\)"
     pattern = rf"(?s){env_id.split('-')[0]}.*{accepted}.*got shape {re.escape(str(bad_shape))}"
     for call in (env.step_env, env.step, jax.jit(env.step)):
         with pytest.raises(ValueError, match=pattern):
@@ -335,6 +356,9 @@ def _reference_uniform(key, shape, low, high):
 RESET_DRAWS = {  # env id -> (state fields in draw order, shape, low, high)
     "CartPole-v1": (("x", "x_dot", "theta", "theta_dot"), (4,), -0.05, 0.05),
     "Pendulum-v1": (("theta", "theta_dot"), (2,), -jnp.array([jnp.pi, 1.0]), jnp.array([jnp.pi, 1.0])),
+    "Acrobot-v1": (("theta1", "theta2", "dtheta1", "dtheta2"), (4,), -0.1, 0.1),
+    "MountainCar-v0": (("position",), (1,), -0.6, -0.4),
+    "MountainCarContinuous-v0": (("position",), (1,), -0.6, -0.4),
 }
 
 

@@ -20,7 +20,7 @@ import diffgym.gym as dgym
 from diffgym.envs.cartpole import CartPoleParams, CartPoleState
 from diffgym.envs.pendulum import PendulumParams, PendulumState
 
-ENV_IDS = ["CartPole-v1", "Pendulum-v1"]
+ENV_IDS = ["CartPole-v1", "Pendulum-v1", "Acrobot-v1", "MountainCar-v0", "MountainCarContinuous-v0"]
 
 
 def _check_env_warnings(env) -> set[str]:

@@ -122,13 +122,23 @@ def test_pendulum_torque_arrow_size_and_direction_follow_last_u():
 # ------------------------------------------------------------------------------------------------
 # Shells
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env_id, shape", [("CartPole-v1", (400, 600, 3)), ("Pendulum-v1", (500, 500, 3))])
-def test_shell_render_after_reset_and_step_shows_the_current_state(env_id, shape):
+# A full push each step, so that every picture changes within a few steps.
+PUSHES = {
+    "CartPole-v1": (1, (400, 600, 3)),
+    "Pendulum-v1": (np.array([2.0], np.float32), (500, 500, 3)),
+    "Acrobot-v1": (2, (500, 500, 3)),
+    "MountainCar-v0": (2, (400, 600, 3)),
+    "MountainCarContinuous-v0": (np.array([1.0], np.float32), (400, 600, 3)),
+}
+
+
+@pytest.mark.parametrize("env_id", PUSHES)
+def test_shell_render_after_reset_and_step_shows_the_current_state(env_id):
+    action, shape = PUSHES[env_id]
     env = gymnasium.make(f"diffgym/{env_id}", render_mode="rgb_array")
     env.reset(seed=0)
     first = env.render()
     assert first.shape == shape and first.dtype == np.uint8
-    action = 1 if env_id == "CartPole-v1" else np.array([2.0], np.float32)
     for _ in range(8):
         env.step(action)
     after = env.render()
@@ -153,7 +163,7 @@ def test_bad_render_mode_is_refused():
         DiffgymEnv("CartPole-v1", render_mode="rgb")
 
 
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("env_id", PUSHES)
 def test_human_mode_runs_headless(env_id):
     env = gymnasium.make(f"diffgym/{env_id}", render_mode="human")
     assert env.metadata["render_fps"] == renderer_class(env.unwrapped.functional_env).render_fps
