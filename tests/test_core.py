@@ -242,7 +242,9 @@ STATE_FIELDS = {
     "Pendulum-v1": (PendulumState, PendulumParams, {"theta", "theta_dot", "last_u", "time"}),
     "Acrobot-v1": (AcrobotState, AcrobotParams, {"theta1", "theta2", "dtheta1", "dtheta2", "time"}),
     "MountainCar-v0": (MountainCarState, MountainCarParams, {"position", "velocity", "time"}),
-    "MountainCarContinuous-v0": (MountainCarState, MountainCarContinuousParams, {"position", "velocity", "time"}),
+    "MountainCarContinuous-v0": (
+        MountainCarState, MountainCarContinuousParams, {"position", "velocity", "time"}
+    ),
 }
 #: One physical param of each env, to change.
 A_PHYSICAL_PARAM = {
