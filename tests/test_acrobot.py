@@ -517,6 +517,14 @@ def test_jit_vmap_grad_composes_and_equals_per_sample_forward_mode_gradients():
     assert len({float(g[0]) for g in batched}) == 5  # per-sample, not broadcast
 
 
+def test_no_stop_gradient_in_the_transition():
+    state = acrobot_state(0.1, 0.2, 0.3, 0.4)
+    for method, args in ((ENV.step_env, (None, state, 1.0, DEFAULT_PARAMS)),
+                         (ENV.step, (jax.random.key(0), state, 1.0, DEFAULT_PARAMS)),
+                         (ENV.reset, (jax.random.key(0), DEFAULT_PARAMS))):
+        assert "stop_gradient" not in str(jax.make_jaxpr(method)(*args)), method.__name__
+
+
 def test_docstring_names_every_kink():
     doc = " ".join(Acrobot.__doc__.split())
     phrases = ("Differentiability", "angle wrapping", "is 1 everywhere", "velocity clips", "is 0",

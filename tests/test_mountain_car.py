@@ -591,6 +591,16 @@ def test_jit_vmap_grad_composes_and_equals_per_sample_gradients():
     assert len({float(g[0]) for g in batched}) == 5
 
 
+@pytest.mark.parametrize("env_id", ENVS)
+def test_no_stop_gradient_in_the_transition(env_id):
+    env, params = ENVS[env_id]
+    state = car(-0.5, 0.01)
+    for method, args in ((env.step_env, (None, state, 1.0, params)),
+                         (env.step, (jax.random.key(0), state, 1.0, params)),
+                         (env.reset, (jax.random.key(0), params))):
+        assert "stop_gradient" not in str(jax.make_jaxpr(method)(*args)), method.__name__
+
+
 @pytest.mark.parametrize("env_class", [MountainCar, MountainCarContinuous])
 def test_docstrings_name_every_kink(env_class):
     doc = " ".join(env_class.__doc__.split())
