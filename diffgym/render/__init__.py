@@ -36,6 +36,7 @@ _RENDERERS: dict[str, object] = {
     "Acrobot-v1": "diffgym.render.acrobot:AcrobotRenderer",
     "MountainCar-v0": "diffgym.render.mountain_car:MountainCarRenderer",
     "MountainCarContinuous-v0": "diffgym.render.mountain_car:MountainCarContinuousRenderer",
+    "LotkaVolterra-v0": "diffgym.render.lotka_volterra:LotkaVolterraRenderer",
 }
 
 
