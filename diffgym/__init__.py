@@ -10,10 +10,13 @@ Every environment has one record, its ``EnvSpec`` (``diffgym.spec("cartpole")``)
 ``Task`` (``diffgym.make_task``). Gymnasium shells are registered on import:
 ``gymnasium.make("diffgym/CartPole-v1")``. For gymnax's wrappers and gymnax-based trainers,
 ``diffgym.gymnax_compat.make("CartPole-v1")`` gives the env with gymnax spaces (needs gymnax).
+System identification fits an env's physical params to logged episodes:
+``fitted, report = diffgym.identify(env, observations, actions, params, fit=("masspole", "length"))``.
 """
 
 from diffgym import discrete
 from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState
+from diffgym.identify import IdentifyReport, fit_function, identify, load_episodes
 from diffgym.registry import EnvSpec, make, make_task, register, registered_envs, resolve_env_id, spec
 from diffgym.task import Task
 
@@ -26,8 +29,12 @@ __all__ = [
     "EnvSpec",
     "EnvState",
     "Environment",
+    "IdentifyReport",
     "Task",
     "discrete",
+    "fit_function",
+    "identify",
+    "load_episodes",
     "make",
     "make_task",
     "register",
