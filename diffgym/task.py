@@ -71,7 +71,8 @@ class Task:
 
     def cost(self, params, state, action, next_state, reward) -> jax.Array:
         """The training cost of one step: ``-reward_weight * reward + sum_k weight_k * term_k``."""
-        total = -self.reward * jnp.asarray(reward, jnp.float32) if self.reward else jnp.float32(0.0)
+        # In the reward's own dtype (float64 under x64); a weight of 0 leaves the reward out.
+        total = -self.reward * jnp.asarray(reward) if self.reward else jnp.zeros((), jnp.result_type(float))
         for name, value in self.terms(params, state, action, next_state).items():
             weight = getattr(self, name)
             if weight:
