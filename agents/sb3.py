@@ -53,7 +53,7 @@ class SB3Config:
     """One SB3 peer run."""
 
     algo: str = "ppo"
-    """``"ppo"`` or ``"sac"``."""
+    """``"ppo"``, ``"sac"`` or ``"dqn"``."""
     total_env_steps: int = 100_000
     """Budget in env steps (every step of every parallel env counts)."""
     hyperparams: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -118,7 +118,7 @@ def train(
     """
     _require()
     import torch
-    from stable_baselines3 import PPO, SAC
+    from stable_baselines3 import DQN, PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
@@ -128,7 +128,7 @@ def train(
         raise ValueError("the Stable-Baselines3 peers show no rollouts while training; use `train-controller play`")
     env, params, _ = resolve_env(env, env_params)
     config = default_config(env) if config is None else config
-    algos = {"ppo": PPO, "sac": SAC}
+    algos = {"ppo": PPO, "sac": SAC, "dqn": DQN}
     if config.algo not in algos:
         raise ValueError(f"SB3Config.algo must be one of {sorted(algos)}, got {config.algo!r}")
     env_fn = make_env_fn(env, params)
@@ -198,7 +198,7 @@ def train(
         eval_env.close()
         torch.set_num_threads(threads)
 
-    discrete = config.algo == "ppo" and hasattr(train_env.action_space, "n")
+    discrete = hasattr(train_env.action_space, "n")
 
     def policy(obs: np.ndarray):
         action, _ = model.predict(np.asarray(obs, np.float32), deterministic=True)
