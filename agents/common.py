@@ -88,6 +88,14 @@ def tuned_settings(env, algo: str) -> dict | None:
         return tomllib.load(file).get(algo)
 
 
+def tuned_config(config_type: type, env, name: str, **defaults):
+    """``config_type`` with the env's tuned ``[name]`` settings over ``defaults`` (just
+    ``defaults`` when the env has none)."""
+    spec = diffgym.spec(env)
+    settings = {**defaults, **(tuned_settings(env, name) or {})}
+    return config_from_settings(config_type, settings, where=f"[{name}] of {spec.short_name}'s hyperparams")
+
+
 def config_from_settings(config_type: type, settings: dict, *, where: str):
     """``config_type(**settings)``; an unknown key is an error naming the file and the closest field."""
     fields = [f.name for f in dataclasses.fields(config_type)]

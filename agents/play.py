@@ -29,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 
 import diffgym
-
 from agents.common import ASSETS_DIR, numpy_policy
 
 #: Extensions ``--record`` accepts. GIF needs only pillow; MP4 needs an ffmpeg backend.

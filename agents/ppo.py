@@ -67,16 +67,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import diffgym
 from agents.common import (
     BoundedCache,
     TrainResult,
-    config_from_settings,
     env_cache_key,
     evaluator,
     make_task,
     resolve_env,
-    tuned_settings,
+    tuned_config,
 )
 from agents.policy import Policy, fold_standardisation, policy_spec
 
@@ -193,11 +191,7 @@ def default_config(env) -> PPOConfig:
     they come from: RL-Zoo for CartPole and the Pendulum), else ``PPOConfig``'s defaults (RL-Zoo's
     CartPole settings); both stop at the env spec's ``reward_threshold``."""
     instance, _, spec = resolve_env(env)
-    settings = tuned_settings(instance, NAME)
-    if settings is None:
-        return PPOConfig(target_return=spec.reward_threshold)
-    settings = {"target_return": spec.reward_threshold, **settings}
-    return config_from_settings(PPOConfig, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
+    return tuned_config(PPOConfig, instance, NAME, target_return=spec.reward_threshold)
 
 
 # --------------------------------------------------------------------------------------------

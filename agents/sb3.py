@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agents.common import TrainResult, config_from_settings, resolve_env, tuned_settings
+from agents.common import TrainResult, resolve_env, tuned_config
 
 NAME = "sb3"
 #: SB3 trains on gymnasium shells; it hands out no snapshots to show while training.
@@ -75,11 +75,7 @@ def default_config(env) -> SB3Config:
     says where each comes from: rl-baselines3-zoo ``hyperparams/ppo.yml`` and ``sac.yml``), else
     SB3's PPO defaults; both stop at the env spec's ``reward_threshold``."""
     instance, _, spec = resolve_env(env)
-    settings = tuned_settings(instance, NAME)
-    if settings is None:
-        return SB3Config(target_return=spec.reward_threshold)
-    settings = {"target_return": spec.reward_threshold, **settings}
-    return config_from_settings(SB3Config, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
+    return tuned_config(SB3Config, instance, NAME, target_return=spec.reward_threshold)
 
 
 def make_env_fn(env, params) -> Callable:

@@ -44,11 +44,10 @@ from agents.common import (
     ProgressFn,
     RenderFn,
     TrainResult,
-    config_from_settings,
     env_cache_key,
     make_task,
     resolve_env,
-    tuned_settings,
+    tuned_config,
 )
 from agents.policy import Policy, fold_standardisation, policy_spec
 from diffgym.envs.trebuchet import Trebuchet, TrebuchetParams, TrebuchetState, shoot
@@ -238,12 +237,9 @@ class AimingConfig:
 
 def default_config(env="Trebuchet-v0") -> AimingConfig:
     """The tuned settings (``[aiming]`` of the env's bundled ``hyperparams.toml``)."""
-    instance, _, spec = resolve_env(env)
+    instance = resolve_env(env)[0]
     _require_trebuchet(instance)
-    settings = tuned_settings(instance, NAME)
-    if settings is None:
-        return AimingConfig(cost={"relative_miss": 1.0, "reward": 0.0})
-    return config_from_settings(AimingConfig, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
+    return tuned_config(AimingConfig, instance, NAME, cost={"relative_miss": 1.0, "reward": 0.0})
 
 
 def _require_trebuchet(env) -> None:
