@@ -14,7 +14,7 @@ System identification fits an env's physical params to logged episodes:
 ``fitted, report = diffgym.identify(env, observations, actions, params, fit=("masspole", "length"))``.
 """
 
-from diffgym import discrete
+from diffgym import discrete, stochastic
 from diffgym.core import Box, Discrete, Environment, EnvParams, EnvState
 from diffgym.identify import IdentifyReport, fit_function, identify, load_episodes
 from diffgym.registry import EnvSpec, make, make_task, register, registered_envs, resolve_env_id, spec
@@ -41,5 +41,6 @@ __all__ = [
     "registered_envs",
     "resolve_env_id",
     "spec",
+    "stochastic",
 ]
 __version__ = "0.1.0"
