@@ -47,7 +47,12 @@ def vector_field(t, populations: jax.Array, rates: tuple) -> jax.Array:
 
 
 def _rates(params: LotkaVolterraParams) -> tuple:
-    return (params.prey_growth_rate, params.predation_rate, params.predator_death_rate, params.predator_growth_rate)
+    return (
+        params.prey_growth_rate,
+        params.predation_rate,
+        params.predator_death_rate,
+        params.predator_growth_rate,
+    )
 
 
 class LotkaVolterra(Environment[LotkaVolterraState, LotkaVolterraParams]):
@@ -108,13 +113,15 @@ class LotkaVolterra(Environment[LotkaVolterraState, LotkaVolterraParams]):
     solver's own steps exactly, so its gradient equals forward mode's and DirectAdjoint's to
     round-off at every horizon, and its error is the forward solve's (4.5e-5 at T = 100, 1.8e-3 at
     T = 1000 at the default tolerances; 3.2e-6 at T = 1000 with rtol = 1e-9).
-    ``BacksolveAdjoint`` (the adjoint ODE solved backwards) adds an error of its own, 1.5-6x the
-    exact gradient's at T <= 1000 and 2x at tight tolerances. Memory grows with T for every
-    reverse-mode adjoint, since the scan over env steps stores each step's residuals: 291 B per
-    step for two checkpoints, 2.9 KB for diffrax's default of log2(max_steps) = 8 (10x more at the
-    same speed: one step of dt = 0.1 takes only a few solver steps, so recomputing them is cheap),
-    46 B for BacksolveAdjoint and 970 B for DirectAdjoint (3-8x slower). Per trajectory, so a batch
-    of B envs needs B times as much: 284 KiB x B at T = 1000 with the default.
+    ``BacksolveAdjoint`` (the adjoint ODE solved backwards) is not the derivative of the forward
+    solve and carries its own backward-solve error: 1.5x and 6x the exact gradient's error at T =
+    100 and 1000, 2x at rtol = 1e-9 (at T = 10000 the forward solve's error, 7e-2 at the default
+    tolerances, dominates every method). Memory grows with T for every reverse-mode adjoint, since
+    the scan over env steps stores each step's residuals: 291 B per step with two checkpoints,
+    2.9 KB with diffrax's default of log2(max_steps) = 8 (10x more, at the same speed at the default
+    tolerances: one step of dt = 0.1 takes a few solver steps, cheap to recompute; two were 1.2x
+    slower at rtol = 1e-9), 46 B with BacksolveAdjoint and 970 B with DirectAdjoint (3-7x slower).
+    Per trajectory, so a batch of B envs needs B times as much: 284 KiB x B at T = 1000.
 
     **Parameters** — ``LotkaVolterraParams`` holds independent constants (the targets and
     initial values do not follow the rates: set them). A batch of params can be ``vmap``-ed over.
@@ -140,7 +147,9 @@ class LotkaVolterra(Environment[LotkaVolterraState, LotkaVolterraParams]):
             raise ValueError(f"max_solver_steps must be a positive integer, got {max_solver_steps!r}")
         for name, value in (("rtol", rtol), ("atol", atol)):
             if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r} of type {type(value).__name__}")
+                raise ValueError(
+                    f"{name} must be a positive number, got {value!r} of type {type(value).__name__}"
+                )
         # None means the default; diffrax is imported on the first solve, not here, so that
         # ``import diffgym`` (which builds every registered env once) does not pay for it.
         self.solver = solver
@@ -162,7 +171,9 @@ class LotkaVolterra(Environment[LotkaVolterraState, LotkaVolterraParams]):
                 if self.stepsize_controller is None
                 else self.stepsize_controller
             ),
-            "adjoint": diffrax.RecursiveCheckpointAdjoint(checkpoints=2) if self.adjoint is None else self.adjoint,
+            "adjoint": diffrax.RecursiveCheckpointAdjoint(checkpoints=2)
+            if self.adjoint is None
+            else self.adjoint,
             "max_steps": self.max_solver_steps,
         }
 
@@ -261,7 +272,9 @@ class LotkaVolterraTask(Task):
     log_target_distance: float = 0.0
     harvest_effort: float = 0.0
 
-    def terms(self, params: LotkaVolterraParams, state, action, next_state: LotkaVolterraState) -> dict[str, jax.Array]:
+    def terms(
+        self, params: LotkaVolterraParams, state, action, next_state: LotkaVolterraState
+    ) -> dict[str, jax.Array]:
         prey, predator = next_state.prey, next_state.predator
         fraction = jnp.clip(jnp.asarray(action, prey.dtype), 0.0, 1.0)
         tiny = jnp.finfo(prey.dtype).tiny  # a harvested-out population: a large, finite log cost

@@ -16,7 +16,7 @@ from diffgym.render._pygame import (
 PREY_COLOR = (46, 139, 87)  # green
 PREDATOR_COLOR = (200, 60, 50)  # red
 ORBIT_COLOR = (70, 90, 200)  # blue: the phase-plane trajectory
-TARGET_COLOR = (150, 150, 150)  # grey: the reward's target (dashed lines, cross)
+TARGET_COLOR = (150, 150, 150)  # grey: the reward's target in the phase plane (a cross)
 AXIS_COLOR = (60, 60, 60)
 MARGIN = 30  # px around each panel
 
@@ -25,7 +25,7 @@ class LotkaVolterraRenderer(Renderer):
     """Draws a ``LotkaVolterraState`` with the history of its episode.
 
     Left panel: prey (green) and predator (red) populations against time, over the whole episode
-    (``max_steps_in_episode * dt``), with the targets as grey horizontal lines. Right panel: the
+    (``max_steps_in_episode * dt``), with their targets as dashed lines of the same colours. Right panel: the
     phase plane (prey along x, predators along y) with the trajectory so far in blue, the current
     state as a filled dot and the target as a grey cross. Both panels scale to the larger of 1.5
     times the targets and the largest population seen in the episode.
@@ -69,8 +69,8 @@ class LotkaVolterraRenderer(Renderer):
             return curves.to_pixels(t * x_scale, value * y_scale)
 
         self._axes(pygame, surface, curve_point(0, 0), curve_point(horizon, 0), curve_point(0, top))
-        for target in (target_prey, target_predator):
-            self._dashed(pygame, surface, curve_point(0, target), curve_point(horizon, target))
+        for target, color in ((target_prey, PREY_COLOR), (target_predator, PREDATOR_COLOR)):
+            self._dashed(pygame, surface, curve_point(0, target), curve_point(horizon, target), color)
         for column, color in ((1, PREY_COLOR), (2, PREDATOR_COLOR)):
             points = [curve_point(t, v) for t, v in zip(history[:, 0], history[:, column])]
             if len(points) > 1:
@@ -100,12 +100,12 @@ class LotkaVolterraRenderer(Renderer):
         pygame.draw.line(surface, AXIS_COLOR, origin, y_end, 1)
 
     @staticmethod
-    def _dashed(pygame, surface, start, end, dash: float = 6.0) -> None:
+    def _dashed(pygame, surface, start, end, color, dash: float = 6.0) -> None:
+        """A dashed horizontal line from ``start`` to ``end`` (pixels)."""
         length = max(abs(end[0] - start[0]), 1.0)
         for offset in np.arange(0.0, length, 2 * dash):
             a = start[0] + offset
-            pygame.draw.line(surface, TARGET_COLOR, (a, start[1]), (min(a + dash, end[0]), end[1]), 1)
+            pygame.draw.line(surface, color, (a, start[1]), (min(a + dash, end[0]), end[1]), 1)
 
     def close(self) -> None:
         self._history = []
-
