@@ -55,10 +55,17 @@ numpy too), and passed in.
 chunk freezes, and ``train`` raises ``FloatingPointError`` naming the update, the env step and what
 went non-finite, instead of carrying on with corrupted weights.
 
+**Discrete heads and replay.** A straight-through softmax saturates as the logits grow (their
+scale never matters forward: the action is the argmax), and then its gradient vanishes; a
+one-step replayed cost on Acrobot drives every logit there within a few hundred Adam steps.
+``logit_penalty`` keeps the logits small (see the field).
+
 **Measured** (``python -m bench.bench_bptt``, ``bench/results/bptt.md``, 2 CPU cores, quiet):
 CartPole-v1 reaches 500 after 300-1 100 env steps (5 of 5 seeds), nearly all of the wall time
 compiling. Pendulum-v1 with replay reaches -200 after 500-750 steps, and its whole 4 000-step
-budget trains in under a second after compiling.
+budget trains in under a second after compiling. With one-step replay and ``logit_penalty``
+(the tuned settings, seeds 0-9): Acrobot-v1 reaches -100 after 50 env steps, MountainCar-v0
+-110 after 100-400 (its task's ``speed`` and ``position`` terms).
 """
 
 from __future__ import annotations
@@ -80,11 +87,11 @@ from agents.common import (
     ProgressFn,
     RenderFn,
     TrainResult,
-    config_from_settings,
     env_cache_key,
     evaluator,
     make_task,
     resolve_env,
+    tuned_config,
     tuned_settings,
 )
 from agents.policy import Policy, fold_standardisation, policy_spec
@@ -124,6 +131,16 @@ class BPTTConfig:
     a centred torque, logits near 0 where the straight-through gradient is largest)."""
     temperature: float = 1.0
     """Straight-through temperature of discrete actions (``diffgym.task.Task.relaxed_action``)."""
+    logit_penalty: float = 0.0
+    """Weight of the mean square of the policy's raw output (the logits of a discrete head, the
+    pre-``tanh`` output of a box), added to every step's training cost, replayed steps included
+    (0: off). A discrete hard action is the argmax (or the logit's sign), which no rescaling of the
+    logits changes, so the penalty costs the hard policy nothing; it keeps the straight-through
+    softmax from saturating, where its gradient vanishes and a policy that has committed to one
+    action everywhere stops learning. Measured with one-step replay (4 x 64) on Acrobot-v1: off,
+    the logits grow to about ±5 and the policy collapses to one torque (-500, seeds 0-2); 1e-3
+    (1e-2 and 1e-1 as well): -100 on the curve after 50-250 env steps (seeds 0-9). On
+    MountainCar-v0 it halves the steps to -110 (100-400 instead of 750-1 500, seeds 0-4)."""
     cost: dict[str, float] = dataclasses.field(default_factory=dict)
     """Weights of the env task's cost terms by name (``reward``: minus the env's reward; the
     others: the task's documented surrogates). Empty: the task's defaults, the env's reward only."""
@@ -166,12 +183,9 @@ def default_config(env) -> BPTTConfig:
     """The env's tuned settings (``[bptt]`` of its bundled ``hyperparams.toml``), else generic
     defaults: a 10-step window (shorter for shorter episodes) and a stop at the spec's threshold."""
     instance, params, spec = resolve_env(env)
-    settings = tuned_settings(instance, NAME)
-    if settings is not None:
-        return config_from_settings(BPTTConfig, settings, where=f"[{NAME}] of {spec.short_name}'s hyperparams")
-    return BPTTConfig(
-        window=min(10, int(params.max_steps_in_episode)), stop_at_return=spec.reward_threshold
-    )
+    if tuned_settings(instance, NAME) is not None:
+        return tuned_config(BPTTConfig, instance, NAME)
+    return BPTTConfig(window=min(10, int(params.max_steps_in_episode)), stop_at_return=spec.reward_threshold)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,23 +532,26 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
     replay = config.replay_updates > 0
 
     def act(weights, obs):
+        """The relaxed action and the ``logit_penalty`` cost of the raw output it comes from."""
         raw = eqx.combine(weights, static).raw((obs - obs_mean) / obs_scale)
-        return task.relaxed_action(
+        action = task.relaxed_action(
             raw, space, temperature=config.temperature, inward_gradient=config.inward_squash_gradient
         )
+        penalty = config.logit_penalty * jnp.mean(raw**2) if config.logit_penalty else jnp.float32(0.0)
+        return action, penalty
 
     def env_step(weights, state, start, key, record=False):
         """One training step of one rollout, restarted from ``start`` at a termination or at the
         episode's end. ``record``: also return what replay stores of the step."""
         obs = env.get_obs(state, params)
-        action = act(weights, obs)
+        action, penalty = act(weights, obs)
         if record:
             (next_state, reward, terminated), jacobians = transition_with_jacobian(
                 task, env, key, state, action, params
             )
         else:
             next_state, reward, terminated = task.transition(env, key, state, action, params)
-        cost = task.cost(params, state, action, next_state, reward)
+        cost = task.cost(params, state, action, next_state, reward) + penalty
         done = terminated | env.is_truncated(next_state, params)
         # The reset state is a constant: the gradient is cut there, as Environment.step does.
         carried = jax.tree.map(lambda r, s: jnp.where(done, r, s), start, next_state)
@@ -564,9 +581,9 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
 
     def replay_loss(weights, batch: StepRecord):
         def replayed_cost(record: StepRecord):
-            action = act(weights, record.obs)
+            action, penalty = act(weights, record.obs)
             next_state, reward = linearised_step(record, action - record.action)
-            return task.cost(params, record.state, action, next_state, reward)
+            return task.cost(params, record.state, action, next_state, reward) + penalty
 
         return jnp.mean(jax.vmap(replayed_cost)(batch))
 
@@ -682,6 +699,8 @@ def _validate(config: BPTTConfig) -> None:
             raise ValueError(f"BPTTConfig.{name} must be a {kind} integer, got {value!r}")
     if config.depth < 0:
         raise ValueError(f"BPTTConfig.depth must be >= 0, got {config.depth!r}")
+    if not config.logit_penalty >= 0:
+        raise ValueError(f"BPTTConfig.logit_penalty must be >= 0, got {config.logit_penalty!r}")
     for name in ("learning_rate", "max_grad_norm", "temperature"):
         value = getattr(config, name)
         if not value > 0:
