@@ -24,7 +24,7 @@ BUNDLED = {
 
 
 def test_the_classic_control_controllers_are_bundled():
-    assert {"cartpole", "pendulum", "mountaincarcontinuous"} <= set(BUNDLED)
+    assert {"cartpole", "pendulum", "acrobot", "mountaincar", "mountaincarcontinuous"} <= set(BUNDLED)
 
 
 def _bundled(name):
