@@ -86,9 +86,15 @@ def test_cartpole_masspole_and_length_from_gymnasium_episodes(cartpole_log):
     assert relative_error(fitted, CARTPOLE_TRUE) < 1e-6, report.summary()
     assert isinstance(fitted, type(CARTPOLE_DEFAULTS)) and fitted.masscart == CARTPOLE_DEFAULTS.masscart
     assert report.converged and report.jacobian == "fwd" and not report.unidentifiable
-    assert report.num_windows == 200 and report.num_episodes == len(observations) and report.num_residuals == 800
+    assert (
+        report.num_windows == 200 and report.num_episodes == len(observations) and report.num_residuals == 800
+    )
     history = report.loss_history
-    assert len(history) == report.iterations + 1 and np.all(np.diff(history) <= 0) and history[-1] < 1e-8 * history[0]
+    assert (
+        len(history) == report.iterations + 1
+        and np.all(np.diff(history) <= 0)
+        and history[-1] < 1e-8 * history[0]
+    )
     # A second fit from another start (data of the same shapes) reuses the compiled solve.
     start = dataclasses.replace(CARTPOLE_DEFAULTS, masspole=0.2, length=1.0)
     fitted, again = identify(CARTPOLE, observations, actions, start, fit=("masspole", "length"))
@@ -159,7 +165,9 @@ def test_cartpole_masses_and_force_only_enter_as_ratios(cartpole_log):
     observations, actions = cartpole_log
     truth = dataclasses.replace(CARTPOLE_DEFAULTS, **CARTPOLE_TRUE)
     fit = ("masscart", "masspole", "force_mag")
-    fitted, report = identify(CARTPOLE, observations, actions, dataclasses.replace(truth, masscart=1.5), fit=fit)
+    fitted, report = identify(
+        CARTPOLE, observations, actions, dataclasses.replace(truth, masscart=1.5), fit=fit
+    )
     assert len(report.unidentifiable) == 1 and report.condition_number > 1e20
     direction = report.unidentifiable[0]
     np.testing.assert_allclose([direction[n] for n in fit], [3**-0.5] * 3, atol=1e-6)
@@ -176,7 +184,9 @@ def test_pendulum_m_l_g_together_are_not_identifiable(pendulum_log):
     fitted, report = identify(PENDULUM, observations, actions, PENDULUM_DEFAULTS, fit=("m", "l", "g"))
     (direction,) = report.unidentifiable
     # Only g / l and m l^2 act: moving log m by 2 and log l, log g by -1 each changes nothing.
-    np.testing.assert_allclose([direction[n] for n in ("m", "l", "g")], np.array([2, -1, -1]) / 6**0.5, atol=1e-6)
+    np.testing.assert_allclose(
+        [direction[n] for n in ("m", "l", "g")], np.array([2, -1, -1]) / 6**0.5, atol=1e-6
+    )
     assert fitted.g / fitted.l == pytest.approx(9.0 / 0.7, rel=1e-6)
     assert fitted.m * fitted.l**2 == pytest.approx(1.3 * 0.49, rel=1e-6)
     assert np.isnan(report.correlation).all() and all(np.isinf(v) for v in report.standard_errors.values())
@@ -191,7 +201,9 @@ def test_data_layouts_give_the_same_transitions(cartpole_log, tmp_path):
     path = tmp_path / "log.npz"
     save_episodes(path, observations, actions)
     logged = load_episodes(path)
-    assert logged["observations"].shape == (200 + len(observations), 4) and logged["episode_starts"].sum() == len(observations)
+    assert logged["observations"].shape == (200 + len(observations), 4) and logged[
+        "episode_starts"
+    ].sum() == len(observations)
     flat = split_episodes(**logged, obs_shape=(4,))
     assert len(flat) == len(episodes)
     for (o1, a1), (o2, a2) in zip(episodes, flat):
@@ -271,7 +283,9 @@ def test_any_environment_with_state_from_obs_passed_and_reverse_mode_fallback():
 
     with pytest.raises(TypeError, match="no state_from_obs"):
         identify(env, np.array(observations), actions, fit=("rate",))
-    fitted, report = identify(env, np.array(observations), actions, fit=("rate",), state_from_obs=state_from_obs)
+    fitted, report = identify(
+        env, np.array(observations), actions, fit=("rate",), state_from_obs=state_from_obs
+    )
     assert report.jacobian == "bwd" and fitted.rate == pytest.approx(0.3, rel=1e-8)
 
 
@@ -282,7 +296,13 @@ def test_errors_name_what_was_given_and_what_is_accepted(cartpole_log):
     with pytest.raises(TypeError, match="max_steps_in_episode.*not a real-valued parameter"):
         identify(CARTPOLE, observations, actions, fit=("max_steps_in_episode",))
     with pytest.raises(ValueError, match="must start positive"):
-        identify(CARTPOLE, observations, actions, dataclasses.replace(CARTPOLE_DEFAULTS, masspole=0.0), fit=("masspole",))
+        identify(
+            CARTPOLE,
+            observations,
+            actions,
+            dataclasses.replace(CARTPOLE_DEFAULTS, masspole=0.0),
+            fit=("masspole",),
+        )
     with pytest.raises(ValueError, match="no episode has 500 steps"):
         identify(CARTPOLE, observations, actions, fit=("masspole",), horizon=500)
     with pytest.raises(TypeError, match="sequence of parameter names"):
