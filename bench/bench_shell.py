@@ -7,8 +7,9 @@ the diffgym shells of both, gymnasium's own JAX ``phys2d/CartPole-v1`` (needs fl
 ``pip install 'diffgym[bench]'``), each raw (``env.unwrapped``) and as ``gymnasium.make`` returns
 it (TimeLimit, OrderEnforcing, PassiveEnvChecker), so like is compared with like; plus the vector
 envs. Only ``step`` calls are timed (each call on its own clock; resets are left out). Actions are
-numpy scalars / float32 arrays, what Stable-Baselines3's DummyVecEnv hands an env. The whole table
-is measured under three process-wide settings (``CONFIGS``: XLA's default threading, XLA pinned to
+numpy scalars / float32 arrays, what Stable-Baselines3's DummyVecEnv hands an env. The repeats of
+all rows are interleaved (every row once per round), so a change in the machine's load moves a
+column's rows together. The whole table is measured under three process-wide settings (``CONFIGS``: XLA's default threading, XLA pinned to
 one thread, and that plus synchronous CPU dispatch); the numpy rows, which these settings do not
 touch, show the run-to-run noise.
 """
@@ -49,16 +50,19 @@ def _actions(env, steps: int, seed: int = 0):
     return list(rng.uniform(space.low, space.high, size=(steps,) + space.shape).astype(np.float32))
 
 
-def time_steps(env, steps: int, repeats: int) -> dict:
-    """Median and min over ``repeats`` of the mean time of one ``step`` call, in microseconds."""
+def _step_repeat(env, steps: int):
+    """``(warm_up, one_repeat)`` for ``env``: one repeat is the mean time of one ``step`` call over
+    ``steps`` calls (each on its own clock, resets untimed), in microseconds."""
     actions = _actions(env, steps)
-    env.reset(seed=0)
-    for action in actions[: min(500, steps)]:  # warm-up: compilation, caches
-        if any(env.step(action)[2:4]):
-            env.reset()
-    per_step = []
     clock = time.perf_counter
-    for _ in range(repeats):
+
+    def warm_up():
+        env.reset(seed=0)
+        for action in actions[: min(500, steps)]:  # compilation, caches
+            if any(env.step(action)[2:4]):
+                env.reset()
+
+    def one_repeat() -> float:
         total = 0.0
         env.reset(seed=1)
         for action in actions:
@@ -67,23 +71,43 @@ def time_steps(env, steps: int, repeats: int) -> dict:
             total += clock() - started
             if terminated or truncated:
                 env.reset()
-        per_step.append(total / steps * 1e6)
-    return {"median_us": statistics.median(per_step), "min_us": min(per_step)}
+        return total / steps * 1e6
+
+    return warm_up, one_repeat
 
 
-def time_vector_steps(envs, steps: int, repeats: int) -> dict:
+def _vector_step_repeat(envs, steps: int):
+    """``(warm_up, one_repeat)`` for a vector env: the mean time of one vector ``step``, in us."""
     envs.action_space.seed(0)
     actions = [envs.action_space.sample() for _ in range(min(steps, 64))]
-    envs.reset(seed=0)
-    for action in actions:
-        envs.step(action)
-    per_step = []
-    for _ in range(repeats):
+
+    def warm_up():
+        envs.reset(seed=0)
+        for action in actions:
+            envs.step(action)
+
+    def one_repeat() -> float:
         started = time.perf_counter()
         for i in range(steps):
             envs.step(actions[i % len(actions)])
-        per_step.append((time.perf_counter() - started) / steps * 1e6)
-    return {"median_us": statistics.median(per_step), "min_us": min(per_step)}
+        return (time.perf_counter() - started) / steps * 1e6
+
+    return warm_up, one_repeat
+
+
+def time_interleaved(cases: dict, repeats: int) -> dict:
+    """Median and min over ``repeats`` of every case's repeat, in microseconds per step.
+
+    The repeats are interleaved (every case once per round, as ``bench.throughput`` does) so that a
+    change in the machine's load during the run moves all rows together and the ratios of one
+    column stay meaningful."""
+    for warm_up, _ in cases.values():
+        warm_up()
+    per_step: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (_, one_repeat) in cases.items():
+            per_step[name].append(one_repeat())
+    return {name: {"median_us": statistics.median(v), "min_us": min(v)} for name, v in per_step.items()}
 
 
 def measure(steps: int, repeats: int, num_envs: int) -> dict:
@@ -93,7 +117,7 @@ def measure(steps: int, repeats: int, num_envs: int) -> dict:
     import diffgym  # noqa: F401 -- registers diffgym/*
     from diffgym.gym import DiffgymEnv
 
-    rows = {}
+    rows, cases, envs = {}, {}, []
 
     def add(name, make_env, steps=steps):
         try:
@@ -101,8 +125,9 @@ def measure(steps: int, repeats: int, num_envs: int) -> dict:
         except Exception as error:  # an optional baseline that is not installed
             rows[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:120]}
             return
-        rows[name] = time_steps(env, steps, repeats)
-        env.close()
+        rows[name] = None  # keeps the table's row order
+        cases[name] = _step_repeat(env, steps)
+        envs.append(env)
 
     # Compilation on the first reset+step of a fresh shell (nothing cached in this process yet).
     for env_id in ("CartPole-v1", "Pendulum-v1"):
@@ -126,12 +151,20 @@ def measure(steps: int, repeats: int, num_envs: int) -> dict:
     from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 
     vector_steps = max(steps // 10, 100)
-    rows[f"gymnasium CartPoleVectorEnv (numpy), {num_envs} envs, per vector step"] = time_vector_steps(
-        CartPoleVectorEnv(num_envs=num_envs), vector_steps, repeats
-    )
-    rows[f"diffgym/CartPole-v1 make_vec, {num_envs} envs, per vector step"] = time_vector_steps(
-        gymnasium.make_vec("diffgym/CartPole-v1", num_envs=num_envs), vector_steps, repeats
-    )
+    for name, make_vector in (
+        (f"gymnasium CartPoleVectorEnv (numpy), {num_envs} envs, per vector step",
+         lambda: CartPoleVectorEnv(num_envs=num_envs)),
+        (f"diffgym/CartPole-v1 make_vec, {num_envs} envs, per vector step",
+         lambda: gymnasium.make_vec("diffgym/CartPole-v1", num_envs=num_envs)),
+    ):
+        vector = make_vector()
+        rows[name] = None
+        cases[name] = _vector_step_repeat(vector, vector_steps)
+        envs.append(vector)
+
+    rows.update(time_interleaved(cases, repeats))
+    for env in envs:
+        env.close()
     return rows
 
 
