@@ -205,7 +205,7 @@ class _Bernoulli:
         return (u >= 1.0 - p).astype(p.dtype)
 
     @staticmethod
-    def jumps(x, p, dp, target_uniforms, n=None):
+    def jumps(x, p, dp, target_uniform, n=None):
         # Up (0 -> 1) when p grows: the step at 1 - p falls past u, rate dp / (1 - p).
         # Down (1 -> 0) when p shrinks: rate -dp / p.
         up = jnp.where(x == 0, _safe_div(jnp.maximum(dp, 0.0), 1.0 - p), 0.0)
@@ -250,7 +250,7 @@ class _Binomial:
         return jnp.where(p >= 1.0, n, jnp.where(p <= 0.0, 0.0, k))
 
     @staticmethod
-    def jumps(x, p, dp, target_uniforms, n):
+    def jumps(x, p, dp, target_uniform, n):
         up = jnp.where(x < n, _safe_div(jnp.maximum(dp, 0.0) * (n - x), 1.0 - p), 0.0)
         down = jnp.where(x > 0, _safe_div(jnp.maximum(-dp, 0.0) * x, p), 0.0)
         return _Jumps(up, x + 1, down, x - 1)
@@ -277,7 +277,7 @@ class _Geometric:
         return jnp.where(p >= 1.0, 0.0, jnp.floor(ratio))
 
     @staticmethod
-    def jumps(x, p, dp, target_uniforms, n=None):
+    def jumps(x, p, dp, target_uniform, n=None):
         # Every step F(k) rises with p: down when p grows (rate dp x / (p (1 - p))), up when it
         # shrinks (rate -dp (x + 1) / p).
         up = _safe_div(jnp.maximum(-dp, 0.0) * (x + 1.0), p)
@@ -322,7 +322,7 @@ class _Poisson:
         return jnp.where(rate <= 0.0, 0.0, k)
 
     @staticmethod
-    def jumps(x, rate, drate, target_uniforms, n=None):
+    def jumps(x, rate, drate, target_uniform, n=None):
         # dF(k)/dλ = -pmf(k): up at rate dλ when λ grows; down at rate -dλ x / λ when it shrinks.
         up = jnp.maximum(drate, 0.0)
         down = jnp.where(x > 0, _safe_div(jnp.maximum(-drate, 0.0) * x, rate), 0.0)
@@ -353,7 +353,7 @@ class _Categorical:
         return jnp.minimum(index, last).astype(probs.dtype)
 
     @staticmethod
-    def jumps(x, probs, dprobs, target_uniforms, n=None):
+    def jumps(x, probs, dprobs, target_uniform, n=None):
         num = probs.shape[-1]
         k = jnp.arange(num)
         xi = x.astype(jnp.int32)[..., None]
@@ -364,7 +364,8 @@ class _Categorical:
         # Up: the step F(x) falls past u when Σ_{j>x} dπ_j > 0 (this form does not rely on Σ dπ
         # being exactly 0 in floating point).
         above = jnp.where(k > xi, dprobs, 0.0).sum(-1)
-        s_down, s_up = target_uniforms
+        # One uniform serves both targets: only one of the two jumps is ever kept.
+        s_down = s_up = target_uniform
         # Target: the nearest category with mass; a massless one whose mass grows takes the part
         # of the moved region it now covers (StochasticAD.jl's walk, measured from the step).
         dcdf_before = jnp.concatenate([jnp.zeros_like(dcdf[..., :1]), dcdf[..., :-1]], axis=-1)
@@ -404,6 +405,9 @@ def _contexts() -> list:
 class _Context:
     traced_samplers = 0
 
+    def extra_uniforms(self, dist) -> int:
+        return 0
+
     def __enter__(self):
         _contexts().append(self)
         return self
@@ -421,8 +425,17 @@ class _Draw:
     theta_value: jax.Array  # stop_gradient(theta)
     n: jax.Array | None  # binomial trials (discrete, no tangent)
     u: jax.Array  # the uniforms, shape of x
-    aux_key: jax.Array  # independent randomness for the estimator
+    extra: jax.Array  # (k, *x.shape) more uniforms, independent of u, for the estimator
+    aux_key: jax.Array  # the sampler's key, for estimators that need more randomness
     x: jax.Array  # the sample (float), shape of u
+
+
+def _extra_uniforms(dist, races: int) -> int:
+    """Uniforms per variable that the triple estimator draws besides ``u`` (see ``_Record.draw``)."""
+    # A count's up and down jumps exclude each other (their rates need opposite signs of dθ): one
+    # exponential clock per race. A categorical may have both: a clock and a direction per race,
+    # and one uniform for the target.
+    return 2 * races + 1 if dist is _Categorical else races
 
 
 class _Record(_Context):
@@ -439,32 +452,46 @@ class _Record(_Context):
             "calls": jax.new_ref(jnp.int32(0)),
         }
 
+    def extra_uniforms(self, dist) -> int:
+        return _extra_uniforms(dist, self.races)
+
     def draw(self, d: _Draw) -> jax.Array:
-        r = self.refs
+        r, m = self.refs, self.races
         size = d.x.size
         dtype = r["total_rate"].dtype
-        # Independent of u: the categorical targets' uniforms, then one exponential clock per
-        # race and candidate, from one draw of a key folded from the sampler's.
-        extra = jax.random.uniform(jax.random.fold_in(d.aux_key, 1), (2 + 2 * self.races, size), dtype)
-        jumps = d.dist.jumps(
-            d.x, d.theta_value, _read_tangent(d.theta), extra[:2].reshape((2,) + d.x.shape), d.n
-        )
-        rates = jnp.concatenate([jumps.up_rate.reshape(-1), jumps.down_rate.reshape(-1)]).astype(dtype)
-        targets = jnp.concatenate([jumps.up_target.reshape(-1), jumps.down_target.reshape(-1)]).astype(dtype)
+        extra = d.extra.reshape(-1, size)  # independent of u (other Threefry counters)
+        categorical = d.dist is _Categorical
+        target_uniform = extra[2 * m].reshape(d.x.shape) if categorical else None
+        jumps = d.dist.jumps(d.x, d.theta_value, _read_tangent(d.theta), target_uniform, d.n)
+        up = jumps.up_rate.reshape(-1).astype(dtype)
+        down = jumps.down_rate.reshape(-1).astype(dtype)
+        rate = up + down
         # Exponential race: the smallest E / rate wins with probability rate / Σ rates, and
         # keeping the smallest over the whole run keeps one jump with probability rate / W, W the
         # total rate: the paper's pruning of many perturbations to one (here, one per race).
-        clocks = -jnp.log1p(-extra[2:].reshape(self.races, 2 * size))
-        race = jnp.where(rates > 0, clocks / jnp.where(rates > 0, rates, 1.0), jnp.inf)
+        clocks = -jnp.log1p(-extra[:m])
+        race = jnp.where(rate > 0, clocks / jnp.where(rate > 0, rate, 1.0), jnp.inf)  # (m, size)
         winner = jnp.argmin(race, axis=1)
-        winning_race = jnp.take_along_axis(race, winner[:, None], axis=1)[:, 0]
+        # Picks by masked sums, not gathers: under vmap a gather is the costly op here.
+        is_winner = jnp.arange(size) == winner[:, None]  # (m, size)
+
+        def pick(values):
+            return jnp.sum(jnp.where(is_winner, values, 0), axis=-1)
+
+        winning_race = jnp.min(race, axis=1)
+        if categorical:  # up with probability up / rate
+            goes_up = pick(extra[m : 2 * m]) * pick(rate) < pick(up)
+        else:  # at most one of the two is not 0
+            goes_up = pick(up) > 0
+        up_target = pick(jumps.up_target.reshape(-1).astype(dtype))
+        target = jnp.where(goes_up, up_target, pick(jumps.down_target.reshape(-1).astype(dtype)))
         call = r["calls"][...]
         better = winning_race < r["best_race"][...]
-        r["total_rate"][...] = r["total_rate"][...] + jnp.sum(rates)
+        r["total_rate"][...] = r["total_rate"][...] + jnp.sum(rate)
         r["best_race"][...] = jnp.where(better, winning_race, r["best_race"][...])
         r["best_call"][...] = jnp.where(better, call, r["best_call"][...])
-        r["best_index"][...] = jnp.where(better, (winner % size).astype(jnp.int32), r["best_index"][...])
-        r["best_target"][...] = jnp.where(better, targets[winner], r["best_target"][...])
+        r["best_index"][...] = jnp.where(better, winner.astype(jnp.int32), r["best_index"][...])
+        r["best_target"][...] = jnp.where(better, target, r["best_target"][...])
         r["calls"][...] = call + 1
         return d.x
 
@@ -475,18 +502,22 @@ class _Record(_Context):
 class _Replay(_Context):
     """Alternative pass: the same draws, the kept one jumped, later ones with their own uniforms."""
 
-    def __init__(self, best_call, best_index, best_target):
+    def __init__(self, best_call, best_index, best_target, races: int):
         self.calls = jax.new_ref(jnp.int32(0))
         self.best_call, self.best_index, self.best_target = best_call, best_index, best_target
+        self.races = races
+
+    def extra_uniforms(self, dist) -> int:
+        # The same draw of uniforms as the primal pass, so that u is the same in every layout.
+        return _extra_uniforms(dist, self.races)
 
     def draw(self, d: _Draw) -> jax.Array:
         call = self.calls[...]
         self.calls[...] = call + 1
         flat = d.x.reshape(-1)
-        index = jnp.clip(self.best_index, 0, flat.size - 1)
-        hit = (call == self.best_call) & (self.best_index >= 0)
-        flat = flat.at[index].set(jnp.where(hit, self.best_target.astype(flat.dtype), flat[index]))
-        return flat.reshape(d.x.shape)
+        # An elementwise select, not a scatter (the cheaper op under vmap).
+        jumped = (call == self.best_call) & (jnp.arange(flat.size) == self.best_index)
+        return jnp.where(jumped, self.best_target.astype(flat.dtype), flat).reshape(d.x.shape)
 
 
 class _Score(_Context):
@@ -551,6 +582,18 @@ def _active():
 # --------------------------------------------------------------------------------------------
 # Samplers
 # --------------------------------------------------------------------------------------------
+def _uint(dtype):
+    return {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(dtype).itemsize]
+
+
+def _uniform_from_bits(bits: jax.Array, dtype) -> jax.Array:
+    """jax.random.uniform's map of random bits to [0, 1): the top mantissa bits under exponent 0."""
+    info = jnp.finfo(dtype)
+    mantissa = jax.lax.shift_right_logical(bits, jnp.array(info.bits - info.nmant, bits.dtype))
+    one = jnp.array(1.0, dtype).view(bits.dtype)
+    return jax.lax.bitcast_convert_type(mantissa | one, dtype) - jnp.array(1.0, dtype)
+
+
 def _sample(dist, key, theta, shape, n=None, *, one_hot: bool = False) -> jax.Array:
     theta = _float(theta)
     is_categorical = dist is _Categorical
@@ -561,17 +604,22 @@ def _sample(dist, key, theta, shape, n=None, *, one_hot: bool = False) -> jax.Ar
     shape = batch_shape if shape is None else tuple(shape)
     if n is not None:
         n = jnp.broadcast_to(n, shape)
-    # The sample is the inverse CDF of jax.random.uniform(key, shape), whatever the estimator:
-    # the triple's two passes and the surrogates' forward runs see the same draws. The inverse CDF
-    # takes the parameter before broadcasting (a constant one then costs no constant folding).
-    u = jax.random.uniform(key, shape, theta.dtype)
+    context = _active()
+    # One draw of uniforms: u, and what the estimator needs besides (other counters of the same
+    # Threefry call, the cheapest independent randomness). Under JAX's default (partitionable)
+    # Threefry, u is exactly jax.random.uniform(key, shape) whatever the estimator, so the
+    # triple's two passes, the surrogates and plain sampling see the same draws.
+    extra = 0 if context is None else context.extra_uniforms(dist)
+    uniforms = _uniform_from_bits(jax.random.bits(key, (1 + extra,) + shape, _uint(theta.dtype)), theta.dtype)
+    u = uniforms[0]
+    # The inverse CDF takes the parameter before broadcasting (a constant one then costs no
+    # constant folding of a broadcast array).
     x = jax.lax.stop_gradient(dist.quantile(u, jax.lax.stop_gradient(theta), n))
     theta = jnp.broadcast_to(theta, shape + theta.shape[-1:] if is_categorical else shape)
     theta_value = jax.lax.stop_gradient(theta)
-    context = _active()
     if context is not None:
         context.traced_samplers += 1
-        draw = _Draw(dist, theta, theta_value, n, u, key, x)
+        draw = _Draw(dist, theta, theta_value, n, u, uniforms[1:], key, x)
         if isinstance(context, _Gumbel):
             return context.draw(draw, one_hot)
         if one_hot and isinstance(context, _StraightThrough):
@@ -706,7 +754,7 @@ def _triple_direction(f_flat, p_flat, direction, key, alternatives: int):
     chosen = record.read()
 
     def alternative_run(best_call, best_index, best_target):
-        replay = _Replay(best_call, best_index, best_target)
+        replay = _Replay(best_call, best_index, best_target, alternatives)
         with replay:
             y_alternative = _call(lambda: f_flat(p_flat, key))
         if replay.traced_samplers != record.traced_samplers:

@@ -569,7 +569,7 @@ def test_the_alternative_run_replays_the_primal_run_bit_for_bit():
         record = st._Record(jnp.float32, 1)
         with record:
             y, _ = jax.jvp(lambda q: stochastic_rollout(unravel(q), key), (p_flat,), (jnp.ones_like(p_flat),))
-        with st._Replay(jnp.int32(-1), jnp.int32(-1), jnp.float32(0)):
+        with st._Replay(jnp.int32(-1), jnp.int32(-1), jnp.float32(0), 1):
             y_again = stochastic_rollout(POLICY, key)
         return y, y_again, record.read()["total_rate"]
 
