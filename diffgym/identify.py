@@ -48,7 +48,7 @@ Levenberg–Marquardt), and reports how well each parameter is determined::
   (``jac="auto"``); environments whose step has a ``custom_vjp`` and no JVP (a diffrax solve with
   its default ``RecursiveCheckpointAdjoint``) are detected when the fit is compiled and fitted
   with reverse-mode Jacobians instead (``report.jacobian``), one backward pass per residual:
-  correct, and 20x slower on LotkaVolterra's seed example than with ``adjoint=ForwardMode()``.
+  correct, and 9-25x slower on LotkaVolterra's seed example than with ``adjoint=ForwardMode()``.
 
 Everything is computed in float64 (``float64=False``: in the default dtype). The solve is one
 compiled program, cached by (env, configuration, data shapes): a second call with new data of
