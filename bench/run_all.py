@@ -24,6 +24,10 @@ BENCHMARKS = (
     ("bench_shell", "per-step time of the gymnasium shells (results/shell.md)"),
     ("bench_bptt", "BPTT training cost"),
     ("bench_trebuchet", "Trebuchet simulation cost"),
+    ("bench_stochastic", "gradient estimators through discrete randomness against exact derivatives"),
+    ("bench_identify", "system identification: recovery, noise, identifiability (results/identify.md)"),
+    ("bench_adjoints", "Lotka-Volterra adjoints: gradient error and memory (results/adjoints.md)"),
+    ("bench_sim2real", "identify-then-fine-tune against PPO on the real system (results/sim2real.md)"),
 )
 
 
