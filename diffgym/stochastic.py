@@ -55,7 +55,7 @@ meet in an operation; one whose alternative path has rejoined the primal one (it
 0) drops out there and frees the slot for later jumps. A plain JAX ``f`` gives no such view of its
 values, so here the race runs over every jump of the run, dead or alive. Both are unbiased; the
 price here is variance when many alternative paths rejoin: on the tutorial's random walk (n = 100)
-the per-sample standard deviation is 8.6 against StochasticAD.jl's 6.5 (``bench/results/
+the per-sample standard deviation is 8.5 against StochasticAD.jl's 6.5 (``bench/results/
 stochastic.md``). ``alternatives=k`` keeps ``k`` jumps in independent races, each with its own
 alternative run (batched), sharing the primal pass: it removes the part of the variance that the
 choice of jump adds, not the part that comes from the primal run.
