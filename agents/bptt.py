@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -94,7 +95,7 @@ from agents.common import (
     tuned_config,
     tuned_settings,
 )
-from agents.policy import Policy, fold_standardisation, policy_spec
+from agents.policy import Policy, fold_standardisation, load_policy_module, policy_spec
 
 NAME = "bptt"
 
@@ -172,11 +173,21 @@ class BPTTConfig:
     """Return the policy of the best learning-curve evaluation rather than the last one. The pick is
     made on the curve's episodes, so judge the result on other episodes (``bench/bench_bptt.py``
     and the CLI evaluate on the gymnasium env with other seeds)."""
+    init_policy: str | None = None
+    """A checkpoint folder (``train-controller --out DIR``, or a bundled ``agents/assets/<env>``)
+    whose weights training starts from instead of a fresh initialisation: fine-tuning, e.g. on
+    identified physics (``agents.sim2real``). None: fresh weights. Its network must be this config's
+    (head, ``width``, ``depth``, ``activation``). The starting policy is evaluated before the first
+    update (a curve point at 0 env steps) and, with ``keep_best``, returned if no later evaluation
+    beats it; the seed's other draws (training starts, step keys, curve episodes) are those of a
+    fresh run."""
 
     def __post_init__(self):
         # A list (e.g. from JSON) would make the config unhashable as a compile-cache key.
         self.obs_scale = tuple(float(value) for value in self.obs_scale)
         self.cost = {str(name): float(weight) for name, weight in dict(self.cost).items()}
+        if self.init_policy is not None:
+            self.init_policy = os.fspath(self.init_policy)  # a Path from Python, a str from the CLI
 
 
 def default_config(env) -> BPTTConfig:
@@ -283,6 +294,26 @@ def train(
     best: tuple[float, Policy] | None = None  # (eval return, policy)
     run_eval, eval_cached = evaluator(setup.env, episodes=config.eval_episodes, params=setup.params)
 
+    if config.init_policy is not None:
+        # The starting point of a fine-tuning is a candidate too: training on other physics may
+        # not improve it. Its episodes come from a stream of their own, so that every later draw
+        # is the one a fresh run with this seed makes.
+        eval_start = time.perf_counter()
+        policy = setup.policy(state.weights)
+        initial_key = jax.random.key(int(np.random.default_rng([seed, 1]).integers(2**31)))
+        returns = np.asarray(run_eval(policy, initial_key))
+        compile_seconds += 0.0 if eval_cached else time.perf_counter() - eval_start
+        eval_cached = True
+        point = {
+            "env_steps": 0,
+            "updates": 0,
+            "wall_seconds": time.perf_counter() - start_time,
+            "eval_return": float(returns.mean()),
+            "eval_return_std": float(returns.std()),
+        }
+        curve.append(point)
+        best = (point["eval_return"], policy)
+
     while int(state.update) < total_updates:
         num_active = min(updates_per_chunk, total_updates - int(state.update))
         inputs = setup.draw_inputs(updates_per_chunk)
@@ -306,8 +337,9 @@ def train(
 
         eval_start = time.perf_counter()
         returns = np.asarray(run_eval(policy, jax.random.key(int(rng.integers(2**31)))))
-        if not curve and not eval_cached:  # the evaluator's first call in this process compiles it
+        if not eval_cached:  # the evaluator's first call in this process compiles it
             compile_seconds += time.perf_counter() - eval_start
+            eval_cached = True
         else:
             eval_seconds += time.perf_counter() - eval_start
         point = {
@@ -406,7 +438,10 @@ def _setup(env, config: BPTTConfig, seed: int, env_params=None, optimizer=None) 
         raise ValueError(f"BPTTConfig.obs_scale needs {obs_size} entries for {env.name}, got {config.obs_scale!r}")
     # Host-side randomness (numpy): no PRNG kernels to compile, and reproducible per seed.
     rng = np.random.default_rng(seed)
-    weights, static = eqx.partition(_init_policy(spec, config.output_scale, rng), eqx.is_array)
+    initial = _init_policy(spec, config.output_scale, rng)  # drawn even when replaced: same streams
+    if config.init_policy is not None:
+        initial = starting_policy(config.init_policy, spec, obs_mean, obs_scale, where="BPTTConfig")
+    weights, static = eqx.partition(initial, eqx.is_array)
     total_updates = config.total_env_steps // _steps_per_update(config)
     if optimizer is None:
         schedule = optax.linear_schedule(
@@ -429,7 +464,10 @@ def _setup(env, config: BPTTConfig, seed: int, env_params=None, optimizer=None) 
         failure=Failure(jnp.int32(0), jnp.int32(-1), jnp.int32(-1)),
         replay=empty_replay(weights, env_states, total_updates * _steps_per_update(config)),
     )
-    config_key = tuple((f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config))
+    # The starting weights are an input of the compiled chunk, not part of it.
+    config_key = tuple(
+        (f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config) if f.name != "init_policy"
+    )
     cache_key = (env_cache_key(env, train_params), config_key, repr(task))
     return _Setup(
         env, params, config, task, spec, static, obs_mean, obs_scale, rng, state, run_chunk, draw_starts, cache_key
@@ -476,6 +514,42 @@ def _init_policy(spec: dict, output_scale: float, rng: np.random.Generator) -> P
         new_leaves += [jnp.asarray(weight), jnp.asarray(bias)]
     leaves = lambda policy: [leaf for layer in policy.mlp.layers for leaf in (layer.weight, layer.bias)]  # noqa: E731
     return eqx.tree_at(leaves, skeleton, new_leaves)
+
+
+def starting_policy(directory, spec: dict, obs_mean=None, obs_scale=None, *, where: str) -> Policy:
+    """The checkpoint in ``directory`` as the network a trainer starts from: checked against the
+    ``Policy`` that ``spec`` describes, and, where the trainer feeds its network ``(obs - obs_mean)
+    / obs_scale``, with that standardisation taken out of its first layer again (a checkpoint acts
+    on raw observations: ``fold_standardisation`` put it there). ``where`` names the config in
+    errors. Shared by BPTT and PPO (``init_policy``)."""
+    try:
+        policy, header = load_policy_module(directory)
+    except FileNotFoundError as error:
+        raise ValueError(f"{where}.init_policy: {error}") from None
+    def arrays_and_rest(module):
+        is_array = lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
+        arrays, rest = eqx.partition(module, is_array)
+        return [leaf.shape for leaf in jax.tree.leaves(arrays)], rest
+
+    shapes, rest = arrays_and_rest(policy)
+    expected_shapes, expected_rest = arrays_and_rest(eqx.filter_eval_shape(Policy, **spec, key=jax.random.key(0)))
+    if shapes != expected_shapes or not eqx.tree_equal(rest, expected_rest):
+        saved = dict(header.get("spec", {}))
+        describe = lambda s: ", ".join(  # noqa: E731
+            f"{k} {s.get(k)!r}" for k in ("kind", "obs_size", "action_size", "width", "depth", "activation")
+        )
+        raise ValueError(
+            f"{where}.init_policy {os.fspath(directory)!r} (trained for {header.get('env_id')}) is not the "
+            f"network this config trains: it has {describe(saved)}; the config and env ask for "
+            f"{describe(spec)}. Set {where}'s width, depth and activation to the checkpoint's."
+        )
+    if obs_scale is None:
+        return policy
+    # fold(p, m', s') computes W / s' and b - (W / s') m'; with s' = 1 / s and m' = -m / s that is
+    # W s and b + W m: the first layer of the network on standardised observations.
+    scale = np.asarray(obs_scale, np.float32)
+    mean = np.zeros_like(scale) if obs_mean is None else np.asarray(obs_mean, np.float32)
+    return fold_standardisation(policy, -mean / scale, 1.0 / scale)
 
 
 def _zeros_like_state(optimizer, weights):

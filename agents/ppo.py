@@ -58,6 +58,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -76,6 +77,7 @@ from agents.common import (
     resolve_env,
     tuned_config,
 )
+from agents.bptt import starting_policy
 from agents.policy import Policy, fold_standardisation, policy_spec
 
 NAME = "ppo"
@@ -153,9 +155,18 @@ class PPOConfig:
     shaped_cost: dict[str, float] = dataclasses.field(default_factory=dict)
     """Learn from minus the env task's training cost with these term weights instead of the
     env's reward (see the module docstring); empty: the env's reward."""
+    init_policy: str | None = None
+    """A checkpoint folder (``train-controller --out DIR``, a bundled ``agents/assets/<env>``) whose
+    weights the actor starts from instead of the orthogonal initialisation: fine-tuning (the critic
+    and ``log_std`` start fresh, ``init_log_std`` sets the exploration). None: fresh weights. Its
+    network must be the actor's (head, ``width``, ``depth``, ``activation``; the critic gets the same
+    sizes). The first curve point (0 env steps) is then the checkpoint's return; the seed's other
+    draws are those of a fresh run."""
 
     def __post_init__(self):
         self.shaped_cost = {str(name): float(weight) for name, weight in dict(self.shaped_cost).items()}
+        if self.init_policy is not None:
+            self.init_policy = os.fspath(self.init_policy)  # a Path from Python, a str from the CLI
         batch = self.num_envs * self.num_steps
         for name in ("total_env_steps", "num_envs", "num_steps", "num_epochs", "num_minibatches",
                      "eval_every_updates", "eval_episodes"):
@@ -539,6 +550,10 @@ def train(
             "obs_std": env_spec.obs_scale or (1.0,) * obs_size,
         }
     model = init_actor_critic(spec, config, key_model, **standardisation)
+    if config.init_policy is not None:
+        # The actor sees standardised observations when standardise_obs is set (obs_std not None).
+        actor = starting_policy(config.init_policy, spec, model.obs_mean, model.obs_std, where="PPOConfig")
+        model = eqx.tree_at(lambda m: m.actor, model, actor)
     weights, static = eqx.partition(model, eqx.is_inexact_array)
 
     num_optimizer_steps = config.num_updates * config.num_epochs * config.num_minibatches
@@ -558,7 +573,10 @@ def train(
     # Seeds of one config share the compiled chunk: it depends on the config, the env and the
     # networks' structure only (the seed is in the runner). The Trebuchet's simulator makes a
     # chunk cost 30-60 s to compile, so a three-seed comparison saves minutes.
-    config_key = tuple((f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config))
+    # The starting weights (init_policy) are in the runner too, not in the compiled chunk.
+    config_key = tuple(
+        (f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config) if f.name != "init_policy"
+    )
     cache_key = (env_cache_key(env, env_params), config_key, chunk_updates, repr(sorted(spec.items())))
     run_eval, _ = evaluator(env, episodes=config.eval_episodes, params=env_params)
 

@@ -19,8 +19,8 @@ import pytest
 import diffgym
 from agents import bptt
 from agents.bptt import BPTTConfig, ChunkInputs, StepRecord, default_config, train
-from agents.common import evaluate, evaluate_gymnasium, numpy_policy
-from agents.policy import Policy
+from agents.common import ASSETS_DIR, evaluate, evaluate_gymnasium, numpy_policy
+from agents.policy import Policy, load_policy_module
 from diffgym.envs.cartpole import CartPoleState
 from diffgym.envs.pendulum import PendulumState, PendulumTask
 from diffgym.task import Task, inward_tanh
@@ -476,3 +476,51 @@ def test_pendulum_goal_minus_200_within_4000_steps(seed):
     assert result.env_steps <= 4_000
     returns = _eval("Pendulum-v1", result.policy, episodes=100, seed=1000 + seed)
     assert returns.mean() >= -200, f"seed {seed}: {returns.mean():.1f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Starting from a checkpoint (init_policy)
+# --------------------------------------------------------------------------------------------
+def test_init_policy_starts_from_the_checkpoints_network():
+    """A checkpoint acts on raw observations (its standardisation folded into the first layer);
+    the trainer's network sees ``(obs - mean) / scale``, so the standardisation is taken out again:
+    the starting network gives the checkpoint's outputs (MountainCar's spec has a mean and a
+    scale). Every other draw of the seed is a fresh run's, and one compiled chunk serves both."""
+    checkpoint_dir = ASSETS_DIR / "mountaincar"
+    checkpoint, header = load_policy_module(checkpoint_dir)
+    sizes = {k: header["spec"][k] for k in ("width", "depth", "activation")}
+    config = dataclasses.replace(default_config("mountaincar"), **sizes)
+    fresh = bptt._setup("MountainCar-v0", config, seed=3)
+    started = bptt._setup("MountainCar-v0", dataclasses.replace(config, init_policy=checkpoint_dir), seed=3)
+    obs = np.random.default_rng(0).uniform([-1.2, -0.07], [0.6, 0.07], (256, 2)).astype(np.float32)
+    raw = lambda policy: np.asarray(jax.vmap(policy.raw)(obs))  # noqa: E731
+    np.testing.assert_allclose(raw(started.policy(started.state.weights)), raw(checkpoint), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(raw(fresh.policy(fresh.state.weights)), raw(checkpoint), atol=1e-2)
+    for a, b in zip(jax.tree.leaves(fresh.state.env_states), jax.tree.leaves(started.state.env_states)):
+        np.testing.assert_array_equal(a, b)
+    assert fresh.rng.integers(2**31) == started.rng.integers(2**31)
+    assert fresh.cache_key == started.cache_key
+
+
+def test_a_checkpoint_training_cannot_beat_is_returned():
+    """The start is evaluated at 0 env steps; with keep_best it is returned when no later
+    evaluation beats it (the bundled CartPole controller already balances for 500 steps)."""
+    checkpoint_dir = ASSETS_DIR / "cartpole"
+    config = dataclasses.replace(
+        default_config("cartpole"), total_env_steps=100, eval_every=100, init_policy=str(checkpoint_dir)
+    )
+    result = train("cartpole", config, seed=0)
+    assert [(p["env_steps"], p["eval_return"]) for p in result.curve[:1]] == [(0, 500.0)]
+    assert result.curve[-1]["env_steps"] == result.env_steps == 100
+    checkpoint, _ = load_policy_module(checkpoint_dir)
+    obs = np.random.default_rng(1).uniform(-0.2, 0.2, (256, 4)).astype(np.float32)
+    np.testing.assert_allclose(jax.vmap(result.policy.raw)(obs), jax.vmap(checkpoint.raw)(obs), rtol=1e-5, atol=1e-5)
+    assert result.extra["config"]["init_policy"] == str(checkpoint_dir)
+
+
+def test_init_policy_of_another_network_is_refused(tmp_path):
+    config = dataclasses.replace(default_config("cartpole"), width=8, init_policy=ASSETS_DIR / "cartpole")
+    with pytest.raises(ValueError, match=r"has kind 'bernoulli', .* width 32, depth 1.*ask for .*width 8, depth 1"):
+        bptt._setup("CartPole-v1", config, 0)
+    with pytest.raises(ValueError, match="BPTTConfig.init_policy: no policy checkpoint in"):
+        bptt._setup("CartPole-v1", dataclasses.replace(config, init_policy=tmp_path), 0)

@@ -189,3 +189,24 @@ def test_pendulum_reaches_minus_200(seed):
     assert result.policy.kind == "box" and result.extra["solved"], result.curve
     assert result.extra["env_steps_to_target"] <= 300_000
     assert evaluate("Pendulum-v1", result.policy, key=jax.random.key(7), episodes=100).mean() >= -230
+
+
+def test_ppo_starts_from_a_checkpoint():
+    """init_policy: the actor starts as the checkpoint (here behind PPO's observation
+    standardisation, taken out of its first layer): the first curve point is the checkpoint's own
+    return on PPO's evaluation episodes. A checkpoint of another size is refused before compiling."""
+    from agents.common import ASSETS_DIR
+    from agents.policy import load_policy_module
+
+    checkpoint_dir = ASSETS_DIR / "cartpole"
+    config = dataclasses.replace(
+        ppo.default_config("cartpole"), width=32, depth=1, standardise_obs=True, total_env_steps=256,
+        init_policy=checkpoint_dir, target_return=None,
+    )  # fmt: skip
+    result = ppo.train("cartpole", config, seed=2)
+    checkpoint, _ = load_policy_module(checkpoint_dir)
+    key_eval = jax.random.split(jax.random.key(2), 4)[3]  # as ppo.train draws it
+    expected = evaluate("cartpole", checkpoint, key=jax.random.fold_in(key_eval, 0), episodes=config.eval_episodes)
+    assert result.curve[0]["eval_return"] == pytest.approx(float(expected.mean())) and expected.mean() == 500.0
+    with pytest.raises(ValueError, match="PPOConfig.init_policy .* width 32, depth 1.*width 64, depth 2"):
+        ppo.train("cartpole", dataclasses.replace(config, width=64, depth=2), seed=0)
