@@ -6,6 +6,8 @@
     train-controller --env pendulum --algo ppo --config.lr 3e-4
     train-controller play --env pendulum [--policy DIR] [--record out.gif] [--episodes N]
     train-controller compare --env cartpole --seeds 3 --out runs/compare
+    train-controller identify --env cartpole --data log.npz --out runs/fit [--fit masspole length]
+    train-controller sim2real --env cartpole --real masspole=1.0 length=1.5 --out runs/sim2real
 
 Training writes ``DIR/policy.json`` + ``DIR/policy.eqx`` (load with ``agents.load_policy(DIR)``)
 and ``DIR/metrics.json``; the returns it reports come from the gymnasium env with hard actions
@@ -65,8 +67,10 @@ Algorithms: {", ".join(ALGORITHMS)} (default: the env's gradient trainer, bptt o
 The --config.* options below are those of the chosen --algo, with the defaults tuned for the
 chosen --env (e.g. `train-controller --env pendulum --algo ppo --help`).
 
-Other commands: `train-controller play --help` (watch a controller live, or record a GIF) and
-`train-controller compare --help` (BPTT against the RL baselines over several seeds)."""
+Other commands: `train-controller play --help` (watch a controller live, or record a GIF),
+`train-controller compare --help` (BPTT against the RL baselines over several seeds),
+`train-controller identify --help` (fit physical params to logged episodes) and
+`train-controller sim2real --help` (identify a changed "real" system, fine-tune on the fit)."""
 
 
 @dataclasses.dataclass
@@ -133,6 +137,71 @@ class CompareArgs:
     """Env-step budget per algorithm overriding its default, e.g. --budgets ppo 20000."""
     eval_episodes: int | None = None
     """Gymnasium episodes of each final evaluation; None: the env's (its EnvSpec's eval_episodes)."""
+
+
+@dataclasses.dataclass
+class IdentifyArgs:
+    """Fit an env's physical parameters to logged episodes (diffgym.identify, Levenberg-Marquardt
+    on one-step prediction errors through the env's own step).
+
+    Writes DIR/params.json: the fitted values, their standard errors, the identifiability report
+    (condition number, unidentifiable directions, correlations) and the whole fitted params, and
+    prints a summary. From Python: agents.sim2real.identify_episodes and identify_json."""
+
+    env: str
+    """Environment (an alias or id) whose params are fitted."""
+    data: Path
+    """An .npz of logged episodes as diffgym.identify.save_episodes writes it: observations
+    (N, *obs), actions (N, ...) and episode_starts (N,) (True at each episode's first row)."""
+    out: Path
+    """Output folder for params.json."""
+    fit: tuple[str, ...] = ()
+    """Parameters to fit (names of the env's params fields); empty: the env's default set
+    (agents.sim2real.DEFAULT_FIT: what logged observations determine)."""
+    horizon: int = 1
+    """Transitions per simulated window (1: one-step prediction errors, the right choice for
+    noisy logs; see diffgym.identify)."""
+
+
+@dataclasses.dataclass
+class Sim2RealArgs:
+    """The sim-to-real pipeline on a "real" system whose constants differ from diffgym's defaults.
+
+    The controller (default: the bundled one) is evaluated on the real system, logs --episodes
+    episodes there, the params are identified from them, and the controller is fine-tuned by BPTT
+    on the fitted simulator and evaluated on the real system again, beside our PPO fine-tuned on
+    the real system for the same number of real steps. Writes DIR/report.md, DIR/report.json,
+    DIR/params.json, DIR/episodes.npz and the checkpoints DIR/fine_tuned (and DIR/ppo).
+    From Python: agents.sim2real.run."""
+
+    env: str
+    """Environment (an alias or id)."""
+    real: tuple[str, ...]
+    """The real system's constants as PARAM=VALUE items (diffgym param names), e.g.
+    --real masspole=1.0 length=1.5; unnamed ones keep diffgym's defaults."""
+    out: Path
+    """Output folder of the report, the data and the checkpoints."""
+    fit: tuple[str, ...] = ()
+    """Parameters to identify; empty: the env's default set (agents.sim2real.DEFAULT_FIT)."""
+    policy: Path | None = None
+    """Checkpoint folder of the controller to transfer; None: the bundled one."""
+    obs_noise: float = 0.0
+    """Standard deviation of Gaussian noise on every observation of the real system."""
+    backend: Literal["auto", "gymnasium", "diffgym"] = "auto"
+    """The real system: gymnasium's numpy env with the constants set (where gymnasium has the env:
+    auto's choice), or diffgym's gymnasium shell with hidden params."""
+    episodes: int = 2
+    """Episodes logged on the real system for the identification (the real steps)."""
+    exploration: float = 0.0
+    """Probability of a random action in place of the controller's while logging."""
+    fine_tune_steps: int | None = None
+    """Simulated env steps of the fine-tuning; None: the env's tuned BPTT budget."""
+    eval_episodes: int | None = None
+    """Real-system episodes of each evaluation; None: the env's (its EnvSpec's eval_episodes)."""
+    seed: int = 0
+    """Seeds the logged episodes, the fine-tuning and PPO (evaluation episodes follow it too)."""
+    ppo: bool = True
+    """Also fine-tune our PPO on the real system for the same number of real steps."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,10 +532,111 @@ def _compare_command(argv: list[str]) -> int:
     return 0
 
 
+def _fit_names(env_id: str, fit: Sequence[str]) -> tuple[str, ...]:
+    """``--fit`` checked against the env's params (the closest name for a typo); empty: the
+    env's default set."""
+    from agents import sim2real
+    from diffgym.registry import did_you_mean
+
+    params = diffgym.make(env_id)[1]
+    fields = [f.name for f in dataclasses.fields(params)]
+    real_valued = [name for name in fields if isinstance(getattr(params, name), float)]
+    for name in fit:
+        if name not in fields:
+            raise UsageError(
+                f"--fit {name!r}: {env_id} has no parameter {name!r}.{did_you_mean(name, fields)} "
+                f"Parameters: {', '.join(fields)}."
+            )
+        if name not in real_valued:
+            raise UsageError(
+                f"--fit {name!r}: {name} = {getattr(params, name)!r} is not a real-valued parameter of {env_id} "
+                f"and cannot be fitted; these can: {', '.join(real_valued)}."
+            )
+    try:
+        return sim2real._fit_names(env_id, fit)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _identify_command(argv: list[str]) -> int:
+    import tyro
+
+    from agents import sim2real
+    from agents.policy import atomic_write_text
+    from diffgym.identify import load_episodes
+
+    args = tyro.cli(IdentifyArgs, args=argv, prog=f"{PROG} identify")
+    env_id = _resolve_env(args.env)
+    names = _fit_names(env_id, args.fit)
+    if args.horizon < 1:
+        raise UsageError(f"--horizon must be at least 1, got {args.horizon}")
+    if not args.data.is_file():
+        raise UsageError(f"--data {str(args.data)!r}: no such file (an .npz of logged episodes, as save_episodes writes)")
+    try:
+        data = load_episodes(args.data)
+        fitted, report = sim2real.identify_episodes(env_id, data, fit=names, horizon=args.horizon)
+    except (ValueError, TypeError, OSError) as error:  # a bad log, a param that cannot be fitted
+        raise UsageError(f"--data {str(args.data)!r}: {error}") from None
+    record = sim2real.identify_json(env_id, fitted, report, data=os.fspath(args.data), horizon=args.horizon)
+    atomic_write_text(args.out / "params.json", json.dumps(record, indent=2))
+    print(f"{env_id}: fitted {', '.join(names)} to {args.data}")
+    print(report.summary())
+    print(f"wrote {args.out / 'params.json'}")
+    return 0
+
+
+def _sim2real_command(argv: list[str]) -> int:
+    import tyro
+
+    from agents import sim2real
+
+    args = tyro.cli(Sim2RealArgs, args=argv, prog=f"{PROG} sim2real")
+    env_id = _resolve_env(args.env)
+    names = _fit_names(env_id, args.fit)
+    try:
+        physics = sim2real.parse_assignments(args.real, flag="--real")
+        sim2real.real_system(env_id, physics, obs_noise=args.obs_noise, backend=args.backend)
+    except ValueError as error:
+        raise UsageError(f"--real: {error}" if "--real" not in str(error) else str(error)) from None
+    for flag, value in (("--episodes", args.episodes), ("--eval-episodes", args.eval_episodes),
+                        ("--fine-tune-steps", args.fine_tune_steps)):  # fmt: skip
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.exploration <= 1:
+        raise UsageError(f"--exploration must be a probability in [0, 1], got {args.exploration}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.policy is not None:
+        from agents.policy import CHECKPOINT_SPEC
+
+        if not (args.policy / CHECKPOINT_SPEC).is_file():
+            raise UsageError(f"no policy checkpoint in {str(args.policy)!r}: expected {CHECKPOINT_SPEC} (train-controller --out DIR)")
+    sim2real.run(
+        env_id,
+        physics,
+        out=args.out,
+        policy_dir=args.policy,
+        fit=names,
+        obs_noise=args.obs_noise,
+        backend=args.backend,
+        collect_episodes=args.episodes,
+        exploration=args.exploration,
+        fine_tune_steps=args.fine_tune_steps,
+        eval_episodes=args.eval_episodes,
+        ppo=args.ppo,
+        seed=args.seed,
+        log=print,
+    )
+    print(f"wrote {args.out / 'report.md'}")
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train_command,
     "play": _play_command,
     "compare": _compare_command,
+    "identify": _identify_command,
+    "sim2real": _sim2real_command,
 }
 
 
