@@ -88,7 +88,7 @@ def test_training_returns_the_best_evaluated_network():
     network is the best evaluation's, and it reproduces that evaluation's mean miss."""
     config = dataclasses.replace(
         aiming.default_config(), total_env_steps=640, batch_size=32, eval_every=64, eval_shots=256,
-        learning_rate=0.1, replay_updates=0,
+        learning_rate=0.1, replay_updates=0, cost={"reward": 0.0, "relative_miss": 1.0},
     )  # fmt: skip
     result = aiming.train("trebuchet", config, seed=2)
     returns = [row["eval_return"] for row in result.curve]
