@@ -205,7 +205,9 @@ def run_comparison(
         kept = {"algos": sorted({r.algo for r in old}, key=ALGORITHMS.index),
                 "load_average": previous.get("load_average"), "total_seconds": previous.get("total_seconds")}
     meta = {
-        "env_id": env_id, "threshold": threshold, "seeds": seed_list, "final_eval_episodes": episodes,
+        # Kept runs (--keep-other-algos) may have other seeds than this invocation's.
+        "env_id": env_id, "threshold": threshold, "seeds": sorted({r.seed for r in records} | set(seed_list)),
+        "final_eval_episodes": episodes,
         "notes": list((tuned_settings(env_id, "compare") or {}).get("notes", [])),
         "budgets": budgets, "skipped": skipped, "total_seconds": total_seconds, "machine": _machine(),
         "load_average": [load_before, _load_average()], "kept_from_previous_run": kept,
