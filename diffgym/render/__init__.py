@@ -37,6 +37,7 @@ _RENDERERS: dict[str, object] = {
     "MountainCar-v0": "diffgym.render.mountain_car:MountainCarRenderer",
     "MountainCarContinuous-v0": "diffgym.render.mountain_car:MountainCarContinuousRenderer",
     "LotkaVolterra-v0": "diffgym.render.lotka_volterra:LotkaVolterraRenderer",
+    "KickedCartPole-v1": "diffgym.render.cartpole:CartPoleRenderer",
 }
 
 
