@@ -178,14 +178,15 @@ def _child(settings: dict[str, str], args) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _machine() -> str:
+def _machine(load_at_start: str) -> str:
     import gymnasium
     import jax
 
     cpu = cpu_model()
     load = load_average()
     return (
-        f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average at the end (1/5/15 min): {load}\n"
+        f"- CPU: {cpu}, {os.cpu_count()} cores visible; load average (1/5/15 min) at the start: "
+        f"{load_at_start}; at the end: {load}\n"
         f"- Python {platform.python_version()} ({sys.prefix}), jax {jax.__version__} "
         f"({jax.default_backend()}), gymnasium {gymnasium.__version__}, numpy {np.__version__}\n"
         f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
@@ -209,7 +210,7 @@ def report(results: dict[str, dict], args) -> str:
         "Produced by `python -m bench.bench_shell` "
         f"(`--steps {args.steps} --repeats {args.repeats} --num-envs {args.num_envs}`).",
         "",
-        _machine(),
+        _machine(args.load_at_start),
         "",
         "Microseconds per `step` call: median over the repeats (min in brackets); only `step` is timed.",
         "\"raw\" is `env.unwrapped`; \"gymnasium.make\" adds TimeLimit, OrderEnforcing and",
@@ -248,6 +249,7 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(measure(args.steps, args.repeats, args.num_envs)))
         return
+    args.load_at_start = load_average()
     results = {name: _child(settings, args) for name, settings in CONFIGS.items()}
     text = report(results, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
