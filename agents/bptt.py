@@ -40,8 +40,27 @@ Pendulum's and CartPole's are inside their clips; replay windows are one step lo
 one-step cost such as the Pendulum's energy-shaped one, not CartPole's, which needs a horizon. On
 the Pendulum it turns 4 000-13 000 steps to -200 into 500-750 (10 of 10 seeds).
 
+**Estimators (``estimator``).** ``"straight_through"`` (the default) trains a deterministic
+policy: the hard action (the argmax, exactly the env's 0/1) forward and, backward, the gradient of
+the task's straight-through surrogate (``Task.relaxed_action``), ``jax.grad`` through the window.
+``"triples"`` trains a stochastic policy of a discrete action space: every step's action is drawn
+from the policy's Bernoulli (or categorical) head with ``diffgym.stochastic`` (``sampled_action``),
+and the window's gradient is ``diffgym.stochastic.derivative_estimate`` of the window's cost
+with respect to the weights: the stochastic-triple estimate of the derivative of the *expected*
+window cost, unbiased where the straight-through one is not, one per rollout (``vmap`` of the
+estimator, never of a sampler inside it), averaged over the rollouts. Each step key is split in
+two, one for the policy's draw and one for the transition (one key per draw). A random
+transition's own draws (KickedCartPole's kicks) are replayed exactly by the estimator's second
+pass, which reuses the keys; they are constants here, whose parameters do not depend on the
+weights. The loss reported and the states carried to the next window come from one more plain
+run of the window with the same keys, the draws of the estimator's primal pass. The price: the
+estimator runs in forward mode, one tangent per weight (193 for a 32-unit CartPole policy,
+batched) and one alternative run each. Refused with replay (its stored Jacobians differentiate
+the deterministic action) and for a box action space (nothing discrete to sample).
+
 Evaluations (the learning curve) always use ``agents.common.evaluate``: hard actions, the true env
-reward, the env's reset distribution, fresh episodes each time.
+reward, the env's reset distribution, fresh episodes each time. A policy trained with
+``"triples"`` is evaluated at its mode (``logit > 0``, the argmax), not sampled.
 
 **One compiled function.** Training runs in chunks of updates, each chunk a single jitted
 ``lax.scan`` over updates on a named ``TrainState``; between chunks the impure loop evaluates,
@@ -96,8 +115,13 @@ from agents.common import (
     tuned_settings,
 )
 from agents.policy import Policy, fold_standardisation, load_policy_module, policy_spec
+from diffgym import stochastic
+from diffgym.registry import did_you_mean
 
 NAME = "bptt"
+
+#: The values of ``BPTTConfig.estimator``.
+ESTIMATORS: tuple[str, ...] = ("straight_through", "triples")
 
 
 @dataclasses.dataclass
@@ -131,7 +155,17 @@ class BPTTConfig:
     """The initial weights and bias of the output layer are multiplied by this (small first actions:
     a centred torque, logits near 0 where the straight-through gradient is largest)."""
     temperature: float = 1.0
-    """Straight-through temperature of discrete actions (``diffgym.task.Task.relaxed_action``)."""
+    """Temperature of discrete actions: of the straight-through surrogate
+    (``diffgym.task.Task.relaxed_action``), or with ``estimator="triples"`` of the sampled policy
+    (``sigmoid(logit / temperature)``, ``softmax(logits / temperature)``)."""
+    estimator: str = "straight_through"
+    """How a window's gradient is estimated (see the module docstring, "Estimators").
+    ``"straight_through"``: the deterministic hard action (the argmax) forward and the task's
+    straight-through surrogate gradient backward (``Task.relaxed_action``). ``"triples"``: the
+    policy is stochastic (its Bernoulli or categorical head is sampled with ``diffgym.stochastic``),
+    and the gradient is the stochastic-triple estimate of the derivative of the window's *expected*
+    cost (``diffgym.stochastic.derivative_estimate``), unbiased, averaged over the rollouts.
+    Discrete action spaces only, without replay. Evaluations use the hard action either way."""
     logit_penalty: float = 0.0
     """Weight of the mean square of the policy's raw output (the logits of a discrete head, the
     pre-``tanh`` output of a box), added to every step's training cost, replayed steps included
@@ -432,6 +466,12 @@ def _setup(env, config: BPTTConfig, seed: int, env_params=None, optimizer=None) 
     _validate(config)
     task = make_task(env_spec, config.cost, field="BPTTConfig.cost")
     spec = policy_spec(env, params, width=config.width, depth=config.depth, activation=config.activation)
+    if config.estimator == "triples" and spec["kind"] == "box":
+        raise ValueError(
+            f"BPTTConfig.estimator 'triples' samples a discrete action (Bernoulli or categorical head); "
+            f"{env.name} has the continuous action space {env.action_space(params)}. Use "
+            "estimator = 'straight_through' (the pathwise gradient) there."
+        )
     obs_scale = np.asarray(config.obs_scale, np.float32)
     obs_mean = np.asarray(env_spec.obs_mean or (0.0,) * obs_size, np.float32)
     if obs_scale.shape != (obs_size,):
@@ -579,6 +619,37 @@ def linearised_step(record: StepRecord, action_change: jax.Array) -> tuple[Any, 
     return eqx.combine(moved, rest), reward
 
 
+def sampled_action(raw: jax.Array, space, key: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+    """A draw from the stochastic policy of a discrete head, through ``diffgym.stochastic`` (so that
+    the triple estimator sees it): for ``Discrete(2)``, ``raw`` is the logit of action 1 and the
+    draw is ``Bernoulli(sigmoid(raw[0] / temperature))`` as 0.0 or 1.0; for ``Discrete(n)``, the
+    index drawn from ``softmax(raw / temperature)``, as a float. Its mode is the hard action of
+    ``agents.policy.Policy`` (``logit > 0``, the argmax)."""
+    if not isinstance(space, diffgym.Discrete):
+        raise TypeError(f"a sampled action needs a Discrete action space, got {space!r}")
+    if space.n == 2:
+        return stochastic.bernoulli(key, jax.nn.sigmoid(raw[0] / temperature))
+    return stochastic.categorical(key, jax.nn.softmax(raw / temperature))
+
+
+def absorbing_costs(costs: jax.Array, terminated: jax.Array) -> jax.Array:
+    """Per-step costs (last axis: the window's steps) with every step after a rollout's first
+    termination costing what the terminating step cost: the triple estimator's window cost.
+
+    Training rollouts restart at a termination, and a fresh start costs little (CartPole's is
+    upright and centred), so in the plain window cost a fall is forgiven at once. The
+    straight-through gradient never sees that (the reset cuts it); the triple estimator, which
+    compares whole runs with one action changed, would, and it learns that falling early is cheap
+    (measured on KickedCartPole: the policy collapses to pushing one way, 9-step episodes). Held at
+    the terminating step's cost (about 1 at CartPole's thresholds, its largest), a fall is paid for
+    until the window ends."""
+    terminated = terminated.astype(costs.dtype)
+    dead = (jnp.cumsum(terminated, axis=-1) - terminated) > 0  # a termination before this step
+    first = jnp.argmax(terminated, axis=-1)[..., None]
+    absorbed = jnp.take_along_axis(costs, first, axis=-1)
+    return jnp.where(dead, absorbed, costs)
+
+
 def transition_with_jacobian(task, env, key, state, action, params):
     """``task.transition``'s ``(next_state, reward, terminated)`` and the Jacobians of the next
     state's float leaves and of the reward with respect to the action (forward mode: one tangent
@@ -604,13 +675,19 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
     step_weights = config.discount ** jnp.arange(config.window, dtype=jnp.float32)
     space = env.action_space(params)
     replay = config.replay_updates > 0
+    triples = config.estimator == "triples"
 
-    def act(weights, obs):
-        """The relaxed action and the ``logit_penalty`` cost of the raw output it comes from."""
+    def act(weights, obs, key=None):
+        """The action and the ``logit_penalty`` cost of the raw output it comes from: the relaxed
+        (straight-through) action, or with ``estimator="triples"`` a draw of the policy's head
+        from ``key``."""
         raw = eqx.combine(weights, static).raw((obs - obs_mean) / obs_scale)
-        action = task.relaxed_action(
-            raw, space, temperature=config.temperature, inward_gradient=config.inward_squash_gradient
-        )
+        if triples:
+            action = sampled_action(raw, space, key, temperature=config.temperature)
+        else:
+            action = task.relaxed_action(
+                raw, space, temperature=config.temperature, inward_gradient=config.inward_squash_gradient
+            )
         penalty = config.logit_penalty * jnp.mean(raw**2) if config.logit_penalty else jnp.float32(0.0)
         return action, penalty
 
@@ -618,7 +695,12 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
         """One training step of one rollout, restarted from ``start`` at a termination or at the
         episode's end. ``record``: also return what replay stores of the step."""
         obs = env.get_obs(state, params)
-        action, penalty = act(weights, obs)
+        if triples:
+            # One key per draw: the policy's draw and the transition's each get their own.
+            key, key_action = jax.random.split(key)
+            action, penalty = act(weights, obs, key_action)
+        else:
+            action, penalty = act(weights, obs)
         if record:
             (next_state, reward, terminated), jacobians = transition_with_jacobian(
                 task, env, key, state, action, params
@@ -631,7 +713,7 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
         carried = jax.tree.map(lambda r, s: jnp.where(done, r, s), start, next_state)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(next_state)]))
         records = StepRecord(state, obs, action, next_state, reward, *jacobians) if record else ()
-        return carried, (cost, finite, records)
+        return carried, (cost, finite, records, terminated)
 
     def simulate_window(weights, env_states, starts, keys, record=False):
         """``env_step`` over one window of every rollout: ``(env_states, per-step outputs)``, each
@@ -647,11 +729,37 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
 
     def window_loss(weights, env_states, starts, keys):
         """Discount-weighted mean cost per step of one window, averaged over the rollouts."""
-        env_states, (costs, finite, _) = simulate_window(weights, env_states, starts, keys)
+        env_states, (costs, finite, _, _) = simulate_window(weights, env_states, starts, keys)
         loss = jnp.mean(costs @ step_weights) / jnp.sum(step_weights)
         return loss, (env_states, finite)
 
     grad_fn = jax.value_and_grad(window_loss, has_aux=True)
+
+    def rollout_window_cost(weights, env_state, starts, keys):
+        """One rollout's discount-weighted mean cost per step over a window, a termination
+        absorbing (``absorbing_costs``): the ``f`` whose expectation the triple estimator
+        differentiates (samplers called directly, no vmap)."""
+
+        def body(state, xs):
+            state, (cost, _, _, terminated) = env_step(weights, state, *xs)
+            return state, (cost, terminated)
+
+        _, (costs, terminated) = jax.lax.scan(body, env_state, (starts, keys))
+        return absorbing_costs(costs, terminated) @ step_weights / jnp.sum(step_weights)
+
+    def triple_gradient(weights, env_states, starts, keys):
+        """The stochastic-triple estimate of the window's expected-cost gradient, one per rollout
+        (``vmap`` of the estimator, never of a sampler inside it), averaged over the rollouts. Each
+        rollout's step keys are the estimator's ``key``: both of its passes draw from them."""
+
+        def one_rollout(env_state, starts, keys):
+            def cost(weights, keys):
+                return rollout_window_cost(weights, env_state, starts, keys)
+
+            return stochastic.derivative_estimate(cost, weights, keys, estimator="triples")
+
+        per_rollout = jax.vmap(one_rollout)(env_states, starts, keys)
+        return jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), per_rollout)
 
     def replay_loss(weights, batch: StepRecord):
         def replayed_cost(record: StepRecord):
@@ -683,7 +791,16 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
         return kept._replace(update=state.update + 1, failure=failure)
 
     def update(state: TrainState, starts, keys, _):
-        (loss, (env_states, finite)), grads = grad_fn(state.weights, state.env_states, starts, keys)
+        if triples:
+            # The window as sampled, for the loss and the carried states: the same draws (the same
+            # keys) as the estimator's primal pass.
+            env_states, (costs, finite, _, terminated) = simulate_window(
+                state.weights, state.env_states, starts, keys
+            )
+            loss = jnp.mean(absorbing_costs(costs, terminated) @ step_weights) / jnp.sum(step_weights)
+            grads = triple_gradient(state.weights, state.env_states, starts, keys)
+        else:
+            (loss, (env_states, finite)), grads = grad_fn(state.weights, state.env_states, starts, keys)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.weights)
         new = state._replace(
@@ -694,7 +811,7 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
     def replay_update(state: TrainState, starts, keys, replay_uniforms):
         """Simulate one window with the current policy, store its steps, then take
         ``config.replay_updates`` Adam steps on minibatches of all the steps stored so far."""
-        env_states, (costs, finite, records) = simulate_window(state.weights, state.env_states, starts, keys, True)
+        env_states, (costs, finite, records, _) = simulate_window(state.weights, state.env_states, starts, keys, True)
         # (num_envs, window, ...) -> one row per simulated step, appended at `count`.
         records = jax.tree.map(lambda leaf: leaf.reshape((-1, *leaf.shape[2:])), records)
         count = state.replay.count
@@ -744,7 +861,7 @@ def _make_chunk_runner(env, params, config: BPTTConfig, task, static, optimizer,
             return ()
         one_state = jax.tree.map(lambda leaf: leaf[0], env_states)
         one_key = jax.random.key(0)
-        shapes = jax.eval_shape(lambda: env_step(weights, one_state, one_state, one_key, record=True)[1][-1])
+        shapes = jax.eval_shape(lambda: env_step(weights, one_state, one_state, one_key, record=True)[1][2])
         zeros = jax.tree.map(lambda leaf: jnp.asarray(np.zeros((capacity, *leaf.shape), leaf.dtype)), shapes)
         return Replay(zeros, jnp.int32(0))
 
@@ -783,6 +900,19 @@ def _validate(config: BPTTConfig) -> None:
         raise ValueError(
             "BPTTConfig.final_learning_rate_fraction must be in [0, 1], "
             f"got {config.final_learning_rate_fraction!r}"
+        )
+    if config.estimator not in ESTIMATORS:
+        raise ValueError(
+            f"BPTTConfig.estimator must be one of {ESTIMATORS}, got {config.estimator!r}."
+            + did_you_mean(str(config.estimator), list(ESTIMATORS))
+        )
+    if config.estimator == "triples" and config.replay_updates:
+        raise ValueError(
+            f"BPTTConfig.estimator 'triples' cannot be combined with replay (replay_updates = "
+            f"{config.replay_updates}): replay re-acts stored steps through their action Jacobians, "
+            "a gradient of the deterministic straight-through action, while the triple estimator "
+            "differentiates the expected cost of a sampled policy by re-running the window. Set "
+            "replay_updates = 0 or estimator = 'straight_through'."
         )
     if not 0 < config.discount <= 1:
         raise ValueError(f"BPTTConfig.discount must be in (0, 1], got {config.discount!r}")

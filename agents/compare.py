@@ -13,6 +13,9 @@ gradient owes to the surrogate cost (``ROWS``):
 
 * ``bptt``: the env's gradient trainer (BPTT, or the trebuchet's aiming network), tuned;
 * ``bptt-reward``: the same on the env's own reward, no surrogate term (``cost = {reward: 1}``);
+* ``bptt-triples``: the same with a stochastic policy and the stochastic-triple gradient
+  (``estimator = "triples"``, over the ``[bptt-triples]`` table of the env's hyperparams, if any);
+  discrete-action envs trained by ``bptt`` only, so not among the default rows;
 * ``ppo``: our PPO, tuned, on the env's reward;
 * ``ppo-shaped``: the same PPO learning from BPTT's shaped cost (``shaped_cost``);
 * ``sb3``: the Stable-Baselines3 peer (PPO or SAC, RL-Zoo's settings).
@@ -48,9 +51,12 @@ from agents.policy import atomic_write_text
 from agents.trainers import gradient_trainer, trainer
 
 #: The rows of a comparison, in table order.
-ALGORITHMS: tuple[str, ...] = ("bptt", "bptt-reward", "ppo", "ppo-shaped", "sb3")
+ALGORITHMS: tuple[str, ...] = ("bptt", "bptt-reward", "bptt-triples", "ppo", "ppo-shaped", "sb3")
+#: The rows run when none are named: every row but ``bptt-triples``, which a box action space or
+#: another gradient trainer (the trebuchet's aiming network) cannot run.
+DEFAULT_ALGORITHMS: tuple[str, ...] = tuple(algo for algo in ALGORITHMS if algo != "bptt-triples")
 
-_COLORS = {"bptt": "tab:red", "bptt-reward": "salmon", "ppo": "tab:blue", "ppo-shaped": "lightblue", "sb3": "tab:green"}
+_COLORS = {"bptt": "tab:red", "bptt-reward": "salmon", "bptt-triples": "tab:purple", "ppo": "tab:blue", "ppo-shaped": "lightblue", "sb3": "tab:green"}
 
 
 @dataclasses.dataclass
@@ -101,12 +107,23 @@ def comparison_row(row: str, env_id: str) -> Row:
         raise ValueError(f"unknown algorithm {row!r}; choose from {', '.join(ALGORITHMS)}")
     gradient = gradient_trainer(env_id)
     gradient_label = "BPTT (diffgym)" if gradient == "bptt" else f"BPTT {gradient} network (diffgym)"
-    name = {"bptt": gradient, "bptt-reward": gradient, "ppo-shaped": "ppo"}.get(row, row)
+    name = {"bptt": gradient, "bptt-reward": gradient, "bptt-triples": gradient, "ppo-shaped": "ppo"}.get(row, row)
     config = trainer(name).default_config(env_id)
     if row == "bptt":
         return Row(gradient_label, name, config)
     if row == "bptt-reward":
         return Row(f"{gradient_label}, env reward only", name, dataclasses.replace(config, cost={"reward": 1.0}))
+    if row == "bptt-triples":
+        env_spec = diffgym.spec(env_id)
+        if name != "bptt" or env_spec.action_kind() != "discrete":
+            raise ValueError(
+                f"the bptt-triples row samples a discrete action and trains with BPTT; {env_spec.id} has "
+                f"a {env_spec.action_kind()} action space and the gradient trainer {name!r}. Run it on a "
+                "discrete-action env trained by bptt (CartPole-v1, KickedCartPole-v1, Acrobot-v1, ...)."
+            )
+        overrides = tuned_settings(env_id, "bptt-triples") or {}
+        triples = dataclasses.replace(config, **{**overrides, "estimator": "triples"})
+        return Row(f"{gradient_label}, stochastic triples", name, triples)
     if row == "ppo":
         return Row("PPO (diffgym, JAX)", name, config)
     if row == "ppo-shaped":
@@ -120,7 +137,7 @@ def run_comparison(
     *,
     seeds: int | Sequence[int] = 3,
     out_dir: str | Path = "bench/results",
-    algos: Sequence[str] = ALGORITHMS,
+    algos: Sequence[str] = DEFAULT_ALGORITHMS,
     budgets: dict[str, int] | None = None,
     final_eval_episodes: int | None = None,
     keep_other_algos: bool = False,
@@ -132,7 +149,7 @@ def run_comparison(
         env_id: an id or short name (``"cartpole"``, ``"Pendulum-v1"``, ``"trebuchet"``).
         seeds: a number N (seeds ``0 .. N-1``) or the seeds themselves.
         out_dir: where ``compare_<env>.md``, ``.png`` and ``.json`` are written (created if needed).
-        algos: rows of ``ALGORITHMS``. A row whose trainer's extra is missing is skipped with a
+        algos: rows of ``ALGORITHMS`` (default ``DEFAULT_ALGORITHMS``). A row whose trainer's extra is missing is skipped with a
             note in the table (SB3: ``pip install 'diffgym[baselines]'``).
         budgets: env-step budget per algorithm (``{"ppo": 20_000}``), overriding the default
             config's ``total_env_steps``; the others keep their defaults.
@@ -314,6 +331,7 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "our PPO on the env's reward; our PPO learning from BPTT's shaped cost instead (shaped_cost, "
         "the same weights BPTT uses); the Stable-Baselines3 peer. A claim \"BPTT needs N times fewer "
         "steps\" should say which PPO row it rests on.",
+        *_triples_note(records),
         *meta.get("notes", []),
         "",
         f"Machine: {meta['machine']}. Total time of this comparison: {meta['total_seconds']:.0f} s.",
@@ -325,6 +343,20 @@ def _markdown(records: list[RunRecord], meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _triples_note(records: list[RunRecord]) -> list[str]:
+    if not any(r.algo == "bptt-triples" for r in records):
+        return []
+    return [
+        (
+            "- The stochastic-triples row trains a sampled (Bernoulli/categorical) policy, evaluated at its "
+            "mode. Its env steps count the sampled rollouts only, as for every BPTT row; its gradient also "
+            "re-simulates one alternative window per policy weight (forward mode), which the simulator does "
+            "without an env step being taken, like the backward pass of the other BPTT rows: the wall "
+            "seconds include that cost."
+        )
+    ]
 
 
 def _load_note(meta: dict) -> str:
@@ -410,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per algorithm (default 3)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
     parser.add_argument(
-        "--algos", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS, help="algorithms to run"
+        "--algos", nargs="+", default=list(DEFAULT_ALGORITHMS), choices=ALGORITHMS,
+        help="algorithms to run (default: all but bptt-triples)",
     )
     parser.add_argument(
         "--keep-other-algos", action="store_true",

@@ -545,3 +545,140 @@ def test_init_policy_of_another_network_is_refused(tmp_path):
         bptt._setup("CartPole-v1", config, 0)
     with pytest.raises(ValueError, match="BPTTConfig.init_policy: no policy checkpoint in"):
         bptt._setup("CartPole-v1", dataclasses.replace(config, init_policy=tmp_path), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# A stochastic policy: the stochastic-triple estimator (estimator="triples")
+# --------------------------------------------------------------------------------------------
+def _gradient_recorder() -> optax.GradientTransformation:
+    """An "optimizer" that leaves the weights alone and sums the gradients it is given and their
+    squares (its state), so a frozen chunk reports every update's gradient estimate."""
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return (zeros, zeros, jnp.int32(0))
+
+    def update(grads, state, params=None):
+        total, squares, count = state
+        total = jax.tree.map(jnp.add, total, grads)
+        squares = jax.tree.map(lambda s, g: s + g**2, squares, grads)
+        return jax.tree.map(jnp.zeros_like, grads), (total, squares, count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_triple_window_gradient_is_the_expected_cost_gradient():
+    """The trainer's triple gradient of one 5-step CartPole window, from a fixed start near the
+    angle threshold, against the exact gradient of the expected window cost (a termination
+    absorbing: every later step costs what the terminating one did) by enumeration of the 2^5
+    action sequences of the stochastic (Bernoulli) policy. 64 updates of 512 rollouts each, every
+    one from the start (a chunk of one update, called 64 times): the mean is within 4 standard errors
+    of the exact gradient in every weight, and the straight-through gradient of the deterministic
+    policy is not that."""
+    window, rollouts, updates = 5, 512, 64
+    cost = {"reward": 0.0, "angle": 1.0, "position": 0.1}
+    config = BPTTConfig(
+        total_env_steps=updates * rollouts * window, num_envs=rollouts, window=window, episode_length=500,
+        eval_every=rollouts * window, depth=0, output_scale=1.0, cost=cost, estimator="triples",
+    )  # fmt: skip
+    env, params = diffgym.make("CartPole-v1")
+    task = diffgym.make_task("CartPole-v1", **cost)
+    # Leaning right and falling: some action sequences pass 12 degrees within the window.
+    start = CartPoleState(x=jnp.float32(0.3), x_dot=jnp.float32(-0.2), theta=jnp.float32(0.16),
+                          theta_dot=jnp.float32(0.4), time=jnp.int32(0))  # fmt: skip
+    linear = {"weight": jnp.array([[0.3, -0.5, 2.0, 0.8]]), "bias": jnp.array([0.2])}
+
+    def frozen(config):
+        setup = bptt._setup("CartPole-v1", config, seed=0, optimizer=_gradient_recorder())
+        weights = eqx.tree_at(lambda w: (w.mlp.layers[0].weight, w.mlp.layers[0].bias), setup.state.weights,
+                              (linear["weight"], linear["bias"]))  # fmt: skip
+        at_start = lambda shape: jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, shape), start)  # noqa: E731
+        state = setup.state._replace(weights=weights)
+        for _ in range(updates):  # every window from the start (after a fall, the reset is the start too)
+            inputs = setup.draw_inputs(1)._replace(starts=at_start((1, rollouts, window)))
+            state, _ = setup.run_chunk(state._replace(env_states=at_start((rollouts,))), inputs, jnp.int32(1))
+        assert int(state.failure.code) == 0 and int(state.update) == updates
+        return setup, weights, state.opt_state
+
+    setup, weights, (total, squares, count) = frozen(config)
+    assert int(count) == updates
+
+    def flat(tree):
+        layer = tree.mlp.layers[0]
+        return np.concatenate([np.ravel(layer.weight), np.ravel(layer.bias)]).astype(np.float64)
+
+    mean = flat(total) / updates
+    # Each update's estimate is a mean over `rollouts`; its spread across updates gives the error.
+    se = np.sqrt(np.maximum(flat(squares) / updates - mean**2, 0.0) / (updates - 1))
+
+    scale = jnp.asarray(setup.obs_scale)
+
+    def expected_window_cost(weights):
+        policy = eqx.combine(weights, setup.static)
+        sequences = ((jnp.arange(2**window)[:, None] >> jnp.arange(window)) & 1).astype(jnp.float32)
+
+        def one(actions):
+            def step(state, action):
+                prob = jax.nn.sigmoid(policy.raw(env.get_obs(state) / scale)[0])
+                _, next_state, reward, terminated, _ = env.step_env(None, state, action, params)
+                log_p = jnp.where(action > 0, jnp.log(prob), jnp.log1p(-prob))
+                return next_state, (task.cost(params, state, action, next_state, reward), log_p, terminated)
+
+            _, (costs, log_probs, terminated) = jax.lax.scan(step, start, actions)
+
+            def absorb(carry, xs):  # after a termination, the terminating step's cost
+                dead, held = carry
+                cost, terminated = xs
+                cost = jnp.where(dead, held, cost)
+                return (dead | terminated, cost), cost
+
+            _, costs = jax.lax.scan(absorb, (jnp.array(False), jnp.float32(0.0)), (costs, terminated))
+            return jnp.exp(jnp.sum(log_probs)) * jnp.mean(costs), jnp.any(terminated)
+
+        weighted, terminated = jax.vmap(one)(sequences)
+        return jnp.sum(weighted), terminated
+
+    exact, terminated = jax.grad(expected_window_cost, has_aux=True)(weights)
+    assert 0 < float(jnp.mean(terminated)) < 1  # some sequences fall within the window, some do not
+    exact = flat(exact)
+    z = np.abs(mean - exact) / se
+    print(f"\ntriple window gradient {np.round(mean, 5)} ± {np.round(se, 5)}; exact {np.round(exact, 5)}; max |z| {z.max():.1f}")
+    assert np.all(z <= 4), (mean, se, exact)
+    assert np.linalg.norm(mean - exact) < 0.1 * np.linalg.norm(exact)
+
+    # The deterministic policy's straight-through gradient of the same window is another quantity.
+    _, _, (st_total, _, _) = frozen(dataclasses.replace(config, estimator="straight_through"))
+    straight_through = flat(st_total) / updates
+    assert np.max(np.abs(straight_through - exact) / se) > 10
+
+
+def test_absorbing_costs_hold_the_terminating_steps_cost():
+    costs = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    terminated = jnp.array([[0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(
+        bptt.absorbing_costs(costs, terminated), [[1, 2, 2, 2, 2], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]
+    )
+
+
+def test_cartpole_learns_with_the_triple_estimator():
+    """The tuned CartPole settings with estimator="triples" (a sampled Bernoulli policy) cut to
+    2 000 env steps: the hard (mode) policy balances >= 400 steps on fresh episodes. Measured on
+    seeds 0-4: 500.0 on each (172-500 after 1 000 steps)."""
+    config = dataclasses.replace(
+        default_config("cartpole"), total_env_steps=2_000, eval_every=500, stop_at_return=None, estimator="triples"
+    )
+    result = train("cartpole", config, seed=0)
+    assert result.policy.kind == "bernoulli" and result.env_steps == 2_000
+    assert int(result.policy(jnp.array([0.01, -0.2, 0.03, 0.1]))) in (0, 1)
+    returns = _eval("CartPole-v1", result.policy, episodes=20)
+    assert returns.mean() >= 400, f"mean return {returns.mean():.1f} after {result.env_steps} steps"
+
+
+def test_triple_estimator_refusals():
+    with pytest.raises(ValueError, match=r"estimator must be one of \('straight_through', 'triples'\), got 'tripels'.*Did you mean 'triples'"):
+        train("CartPole-v1", dataclasses.replace(default_config("CartPole-v1"), estimator="tripels"))
+    with pytest.raises(ValueError, match=r"'triples' cannot be combined with replay \(replay_updates = 4\)"):
+        train("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), estimator="triples"))
+    with pytest.raises(ValueError, match=r"'triples' samples a discrete action.*Pendulum-v1 has the continuous action space"):
+        bptt._setup("Pendulum-v1", dataclasses.replace(default_config("Pendulum-v1"), replay_updates=0, estimator="triples"), 0)
+    assert default_config("CartPole-v1").estimator == "straight_through"

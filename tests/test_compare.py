@@ -40,7 +40,7 @@ def test_summary_table_aggregates_over_seeds(tmp_path):
 
 
 def _tiny_comparison(tmp_path, algos):
-    budgets = {"bptt": 500, "bptt-reward": 300, "ppo": 1024, "ppo-shaped": 1024, "sb3": 512}
+    budgets = {"bptt": 500, "bptt-reward": 300, "bptt-triples": 300, "ppo": 1024, "ppo-shaped": 1024, "sb3": 512}
     lines = []
     records = compare.run_comparison(
         "cartpole", seeds=1, out_dir=tmp_path, algos=algos,
@@ -69,7 +69,9 @@ def test_tiny_comparison_writes_table_plot_and_json(tmp_path):
     labels = {r.algo: r.label for r in records}
     assert labels["bptt-reward"] == "BPTT (diffgym), env reward only"
     assert labels["ppo-shaped"] == "PPO (diffgym, JAX), BPTT's shaped cost"
-    assert "which PPO row it rests on" in (tmp_path / "compare_cartpole.md").read_text()
+    assert labels["bptt-triples"] == "BPTT (diffgym), stochastic triples"
+    table = (tmp_path / "compare_cartpole.md").read_text()
+    assert "which PPO row it rests on" in table and "evaluated at its mode" in table
 
 
 def test_variant_rows_change_one_setting_only():
@@ -78,6 +80,11 @@ def test_variant_rows_change_one_setting_only():
     tuned, reward_only = compare.comparison_row("bptt", "pendulum"), compare.comparison_row("bptt-reward", "pendulum")
     assert tuned.config.cost["energy"] > 0  # the surrogate the variants are about
     assert reward_only.config == dataclasses.replace(bptt.default_config("pendulum"), cost={"reward": 1.0})
+    triples = compare.comparison_row("bptt-triples", "cartpole")
+    assert triples.config == dataclasses.replace(bptt.default_config("cartpole"), estimator="triples")
+    with pytest.raises(ValueError, match="bptt-triples row samples a discrete action.*Pendulum-v1 has a box action space"):
+        compare.comparison_row("bptt-triples", "pendulum")
+    assert "bptt-triples" not in compare.DEFAULT_ALGORITHMS
     shaped = compare.comparison_row("ppo-shaped", "pendulum")
     assert shaped.config == dataclasses.replace(ppo.default_config("pendulum"), shaped_cost=tuned.config.cost)
     # The trebuchet's gradient trainer is its aiming network: the variants follow it.
