@@ -80,12 +80,30 @@ def resolve_env(env, env_params=None) -> tuple[diffgym.Environment, Any, diffgym
 
 def tuned_settings(env, algo: str) -> dict | None:
     """The ``[algo]`` table of the env's bundled ``hyperparams.toml`` (``assets/<alias>/``), or
-    None when the env has no tuned settings for that trainer."""
-    path = ASSETS_DIR / diffgym.spec(env).short_name / HYPERPARAMS_FILE
+    None when the env has no tuned settings for that trainer.
+
+    A file may start with ``based_on = "<alias>"`` (a variant of another env, such as the kicked
+    CartPole of CartPole): a table it lacks is read from that env's file, and a table it has is
+    laid key by key over that env's table of the same name."""
+    return _hyperparams(diffgym.spec(env).short_name, algo, seen=())
+
+
+def _hyperparams(alias: str, algo: str, *, seen: tuple[str, ...]) -> dict | None:
+    path = ASSETS_DIR / alias / HYPERPARAMS_FILE
     if not path.exists():
         return None
     with path.open("rb") as file:
-        return tomllib.load(file).get(algo)
+        tables = tomllib.load(file)
+    base_alias = tables.get("based_on")
+    if base_alias is None:
+        return tables.get(algo)
+    if base_alias in (alias, *seen) or not (ASSETS_DIR / base_alias / HYPERPARAMS_FILE).exists():
+        raise ValueError(f"{path}: based_on = {base_alias!r} names no other env's {HYPERPARAMS_FILE}")
+    base = _hyperparams(base_alias, algo, seen=(*seen, alias))
+    own = tables.get(algo)
+    if base is None or own is None:
+        return own if base is None else base
+    return {**base, **own}
 
 
 def tuned_config(config_type: type, env, name: str, **defaults):

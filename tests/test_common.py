@@ -1,13 +1,15 @@
-"""agents.common: the evaluator's keys, the bounded compile cache, env resolution."""
+"""agents.common: the evaluator's keys, the bounded compile cache, env resolution, tuned settings."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from noisy_env import NoisyDrift
 
 import diffgym
+from agents import common
 from agents.common import BoundedCache, evaluate, evaluator, resolve_env
 
 
@@ -60,3 +62,24 @@ def test_bounded_cache_keeps_the_most_recent_entries():
     for key in ("a", "b", "a", "c", "b"):
         cache.get(key, lambda key=key: builds.append(key) or key)
     assert builds == ["a", "b", "c", "b"] and len(cache) == 2  # "b" was evicted by "c"
+
+
+def test_hyperparams_based_on_another_env_inherit_and_override(tmp_path, monkeypatch):
+    """``based_on``: a missing table comes from the base env's file, a present one is laid key by
+    key over the base's; a file based on itself (or a missing env) is an error naming it."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "hyperparams.toml").write_text('[bptt]\nwindow = 20\nlearning_rate = 0.03\n[ppo]\nnum_envs = 8\n')
+    (tmp_path / "variant").mkdir()
+    (tmp_path / "variant" / "hyperparams.toml").write_text('based_on = "base"\n[bptt]\nwindow = 50\n')
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "hyperparams.toml").write_text('based_on = "loop"\n')
+    monkeypatch.setattr(common, "ASSETS_DIR", tmp_path)
+    assert common._hyperparams("variant", "bptt", seen=()) == {"window": 50, "learning_rate": 0.03}
+    assert common._hyperparams("variant", "ppo", seen=()) == {"num_envs": 8}
+    assert common._hyperparams("variant", "sb3", seen=()) is None
+    with pytest.raises(ValueError, match=r"loop/hyperparams.toml: based_on = 'loop' names no other env"):
+        common._hyperparams("loop", "bptt", seen=())
+
+
+def test_kicked_cartpole_trains_from_cartpoles_tuned_settings():
+    assert common.tuned_settings("kickedcartpole", "ppo") == common.tuned_settings("cartpole", "ppo")
