@@ -170,7 +170,6 @@ RUNS = (
 # Worker: one training run in this process
 # --------------------------------------------------------------------------------------------
 def _worker(run_index: int, seed: int) -> dict:
-    import jax
     import numpy as np
 
     from agents.bptt import default_config, train

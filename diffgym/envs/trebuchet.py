@@ -441,7 +441,7 @@ def _flight_phase(p: TrebuchetParams, wind: jax.Array, q0: jax.Array, time0: jax
     def step(carry, _):
         q, time, alive = carry
         q_eval = jnp.where(alive, q, benign)
-        x, y, vx, vy = q_eval[0], q_eval[1], q_eval[2], q_eval[3]
+        y, vx, vy = q_eval[1], q_eval[2], q_eval[3]
         airspeed = _safe_norm(vy, wind - vx)
         q_new = q_eval + dt * jnp.stack([vx, vy, -drag * (vx - wind) * airspeed, -g - drag * vy * airspeed])
         height, height_new = y + p.pivot_height, q_new[1] + p.pivot_height
