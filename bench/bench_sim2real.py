@@ -16,7 +16,8 @@ For each case (env, real constants) and observation-noise level, seeds 0-2, ``ag
    approach, the same fine-tuning on the true params (*oracle*);
 5. our PPO on the real system with the same number of real steps (from the bundled weights, and
    from scratch), and from the bundled weights with ten times as many; PPO runs on diffgym with
-   the real constants and the same noise (the parity tests make that gymnasium's physics).
+   the real constants and the same noise (the parity tests make that gymnasium's physics);
+6. what the real system allows: our PPO from scratch there with its whole tuned budget.
 
 Every return is the mean over the env spec's evaluation episodes on the real gymnasium env, the
 same episodes for every row of a seed. A robustness table first shows how far the bundled
@@ -122,11 +123,20 @@ def run_case(env_id: str, physics: dict, noise: float, seed: int, out: Path) -> 
         numpy_policy(trained.policy), real.make, episodes=record["eval_episodes"], seed=record["eval_seed"]
     )
     record["ppo_more"] = {"real_steps": int(trained.env_steps), "after": sim2real._stats(returns)}
+    # What the real system allows: PPO from scratch with its whole tuned budget there.
+    from agents import ppo
+
+    full = sim2real.ppo_on_real(real, ppo.default_config(env_id).total_env_steps, seed=seed)
+    returns = sim2real.evaluate_real(
+        numpy_policy(full.policy), real.make, episodes=record["eval_episodes"], seed=record["eval_seed"]
+    )
+    record["ppo_full"] = {"real_steps": int(full.env_steps), "after": sim2real._stats(returns)}
     record["bench_seconds"] = time.perf_counter() - start
     print(
         f"{env_id} {_physics(physics)} noise {noise:g} seed {seed}: before {record['before']['mean']:.1f}, "
         f"after {record['fine_tune']['after']['mean']:.1f}, oracle {record['oracle']['after']['mean']:.1f}, "
-        f"ppo {record['ppo']['after']['mean']:.1f}, ppo x{PPO_MULTIPLIER} {record['ppo_more']['after']['mean']:.1f} "
+        f"ppo {record['ppo']['after']['mean']:.1f}, ppo x{PPO_MULTIPLIER} {record['ppo_more']['after']['mean']:.1f}, "
+        f"ppo full budget {record['ppo_full']['after']['mean']:.1f} "
         f"({record['bench_seconds']:.0f} s)",
         flush=True,
     )
@@ -149,11 +159,13 @@ def tables(records: list[dict], lines: list[str]) -> None:
         "sim*: fine-tuned from the bundled weights on the identified params, simulated steps in "
         "brackets. *oracle*: the same on the true params. *PPO*: our PPO trained on the real system "
         "with the same real steps (one update), from the bundled weights or from scratch, and from the "
-        f"bundled weights with {PPO_MULTIPLIER}x as many.",
+        f"bundled weights with {PPO_MULTIPLIER}x as many. *PPO, full budget*: what the real system "
+        "allows a learner given plenty of it: our PPO from scratch there with its whole tuned budget "
+        "(real steps in brackets).",
         "",
         "| env | real constants | obs. noise | before | real steps | BPTT, fitted sim (sim steps) | oracle "
-        f"| PPO, same steps | PPO from scratch, same steps | PPO, {PPO_MULTIPLIER}x steps |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| PPO, same steps | PPO from scratch, same steps | PPO, {PPO_MULTIPLIER}x steps | PPO, full budget |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for record in records:
@@ -166,7 +178,8 @@ def tables(records: list[dict], lines: list[str]) -> None:
             f"{_mean_sd(get('real_steps'), 0)} | {_mean_sd(get('fine_tune.after.mean'))} "
             f"({_mean_sd(get('fine_tune.sim_steps'), 0)}) | {_mean_sd(get('oracle.after.mean'))} | "
             f"{_mean_sd(get('ppo.after.mean'))} | {_mean_sd(get('ppo_scratch.after.mean'))} | "
-            f"{_mean_sd(get('ppo_more.after.mean'))} ({_mean_sd(get('ppo_more.real_steps'), 0)}) |"
+            f"{_mean_sd(get('ppo_more.after.mean'))} ({_mean_sd(get('ppo_more.real_steps'), 0)}) | "
+            f"{_mean_sd(get('ppo_full.after.mean'))} ({_mean_sd(get('ppo_full.real_steps'), 0)}) |"
         )
     lines += [
         "",
@@ -191,14 +204,14 @@ def tables(records: list[dict], lines: list[str]) -> None:
         "### Every run",
         "",
         "| env | obs. noise | seed | before | after (BPTT, fitted) | oracle | PPO | PPO scratch "
-        f"| PPO {PPO_MULTIPLIER}x | fine-tune wall s | run wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| PPO {PPO_MULTIPLIER}x | PPO full budget | fine-tune wall s | run wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(
             f"| {r['env']} | {r['real']['obs_noise']:g} | {r['seed']} | {_pm_stats(r['before'])} | "
             f"{_pm_stats(r['fine_tune']['after'])} | {_pm_stats(r['oracle']['after'])} | {_pm_stats(r['ppo']['after'])} | "
-            f"{_pm_stats(r['ppo_scratch']['after'])} | {_pm_stats(r['ppo_more']['after'])} | "
+            f"{_pm_stats(r['ppo_scratch']['after'])} | {_pm_stats(r['ppo_more']['after'])} | {_pm_stats(r['ppo_full']['after'])} | "
             f"{r['fine_tune']['wall_seconds']:.1f} | {r['bench_seconds']:.0f} |"
         )
     lines.append("")
