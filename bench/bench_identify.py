@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.machine import cpu_model, load_average
+from diffgym.identify import record_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "identify.md"
@@ -58,7 +59,7 @@ def gymnasium_cartpole_episodes(steps: int, seed: int, **physics):
         setattr(env, name, value)
     env.total_mass = env.masspole + env.masscart
     env.polemass_length = env.masspole * env.length
-    return _log(env, lambda rng: int(rng.integers(2)), steps, seed)
+    return record_episodes(env, lambda rng: int(rng.integers(2)), steps, seed=seed)
 
 
 def gymnasium_pendulum_episodes(steps: int, seed: int, m: float, l: float, g: float):  # noqa: E741
@@ -66,28 +67,7 @@ def gymnasium_pendulum_episodes(steps: int, seed: int, m: float, l: float, g: fl
 
     env = PendulumEnv(g=g)
     env.m, env.l = m, l
-    return _log(env, lambda rng: rng.uniform(-2.0, 2.0, (1,)).astype(np.float32), steps, seed)
-
-
-def _log(env, policy, steps: int, seed: int):
-    rng = np.random.default_rng(seed)
-    observations, actions = [], []
-    obs, _ = env.reset(seed=seed)
-    episode_obs, episode_actions = [obs], []
-    for _ in range(steps):
-        action = policy(rng)
-        obs, _, terminated, truncated, _ = env.step(action)
-        episode_obs.append(obs)
-        episode_actions.append(action)
-        if terminated or truncated:
-            observations.append(np.array(episode_obs))
-            actions.append(np.array(episode_actions))
-            obs, _ = env.reset(seed=int(rng.integers(2**31)))
-            episode_obs, episode_actions = [obs], []
-    if episode_actions:
-        observations.append(np.array(episode_obs))
-        actions.append(np.array(episode_actions))
-    return observations, actions
+    return record_episodes(env, lambda rng: rng.uniform(-2.0, 2.0, (1,)).astype(np.float32), steps, seed=seed)
 
 
 def noisy(observations, sigma: float, rng):

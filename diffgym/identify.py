@@ -73,7 +73,10 @@ from diffgym.registry import did_you_mean
 if TYPE_CHECKING:
     from diffgym.core import Environment, EnvParams
 
-__all__ = ["IdentifyReport", "fit_function", "identify", "load_episodes", "save_episodes", "split_episodes"]
+__all__ = [
+    "IdentifyReport", "fit_function", "identify", "load_episodes", "record_episodes", "save_episodes",
+    "split_episodes",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +158,32 @@ def load_episodes(path) -> dict[str, np.ndarray]:
     if "episode_starts" not in episodes:
         episodes["episode_starts"] = None
     return episodes
+
+
+def record_episodes(env, policy, steps: int, *, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Log ``steps`` steps of a gymnasium env as ``identify`` reads them: lists of ``(T+1, *obs)``
+    observations and ``(T, ...)`` actions, one pair per episode, resetting after each episode's end
+    (the first reset with ``seed``, later ones with seeds drawn from it). ``policy(rng)`` gives each
+    action from a ``numpy.random.Generator`` (e.g. ``lambda rng: int(rng.integers(2))``, a random
+    exciting input). A last, unfinished episode is kept."""
+    rng = np.random.default_rng(seed)
+    observations, actions = [], []
+    obs, _ = env.reset(seed=seed)
+    episode_obs, episode_actions = [obs], []
+    for _ in range(steps):
+        action = policy(rng)
+        obs, _, terminated, truncated, _ = env.step(action)
+        episode_obs.append(obs)
+        episode_actions.append(action)
+        if terminated or truncated:
+            observations.append(np.array(episode_obs))
+            actions.append(np.array(episode_actions))
+            obs, _ = env.reset(seed=int(rng.integers(2**31)))
+            episode_obs, episode_actions = [obs], []
+    if episode_actions:
+        observations.append(np.array(episode_obs))
+        actions.append(np.array(episode_actions))
+    return observations, actions
 
 
 def save_episodes(path, observations: Sequence, actions: Sequence) -> None:

@@ -25,34 +25,14 @@ from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 import diffgym
 from diffgym.core import Box, Environment, EnvParams, EnvState, pytree_dataclass
-from diffgym.identify import fit_function, identify, load_episodes, save_episodes, split_episodes
+from diffgym.identify import (
+    fit_function, identify, load_episodes, record_episodes, save_episodes, split_episodes,
+)  # fmt: skip
 
 CARTPOLE, CARTPOLE_DEFAULTS = diffgym.make("CartPole-v1")
 PENDULUM, PENDULUM_DEFAULTS = diffgym.make("Pendulum-v1")
 CARTPOLE_TRUE = {"masspole": 0.3, "length": 0.8}
 PENDULUM_TRUE = {"m": 1.3, "l": 0.7, "g": 9.0}
-
-
-def log_episodes(env, policy, steps: int, seed: int):
-    """``steps`` steps of a gymnasium env, reset after each episode end: lists of (T+1, obs), (T, ...)."""
-    rng = np.random.default_rng(seed)
-    observations, actions = [], []
-    obs, _ = env.reset(seed=seed)
-    episode_obs, episode_actions = [obs], []
-    for _ in range(steps):
-        action = policy(rng)
-        obs, _, terminated, truncated, _ = env.step(action)
-        episode_obs.append(obs)
-        episode_actions.append(action)
-        if terminated or truncated:
-            observations.append(np.array(episode_obs))
-            actions.append(np.array(episode_actions))
-            obs, _ = env.reset(seed=int(rng.integers(2**31)))
-            episode_obs, episode_actions = [obs], []
-    if episode_actions:
-        observations.append(np.array(episode_obs))
-        actions.append(np.array(episode_actions))
-    return observations, actions
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +41,14 @@ def cartpole_log():
     env.masspole, env.length = CARTPOLE_TRUE["masspole"], CARTPOLE_TRUE["length"]
     env.total_mass = env.masspole + env.masscart  # gymnasium stores these derived constants
     env.polemass_length = env.masspole * env.length
-    return log_episodes(env, lambda rng: int(rng.integers(2)), 200, seed=0)
+    return record_episodes(env, lambda rng: int(rng.integers(2)), 200, seed=0)
 
 
 @pytest.fixture(scope="module")
 def pendulum_log():
     env = PendulumEnv(g=PENDULUM_TRUE["g"])
     env.m, env.l = PENDULUM_TRUE["m"], PENDULUM_TRUE["l"]
-    return log_episodes(env, lambda rng: rng.uniform(-2, 2, (1,)).astype(np.float32), 200, seed=0)
+    return record_episodes(env, lambda rng: rng.uniform(-2, 2, (1,)).astype(np.float32), 200, seed=0)
 
 
 def relative_error(fitted, truth: dict) -> float:
@@ -347,7 +327,7 @@ def test_classic_control_constants_from_gymnasium_episodes(env_id, real):
     """200 random-action steps of gymnasium's own env with changed constants, from diffgym's
     defaults: recovered to the goal's 1e-3 (measured: 1e-8 to 1.5e-6 in 7-15 steps)."""
     gym_env, truth, policy = real()
-    observations, actions = log_episodes(gym_env, policy, 200, seed=0)
+    observations, actions = record_episodes(gym_env, policy, 200, seed=0)
     env, defaults = diffgym.make(env_id)
     fitted, report = identify(env, observations, actions, defaults, fit=tuple(truth))
     error = relative_error(fitted, truth)
