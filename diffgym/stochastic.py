@@ -60,6 +60,11 @@ stochastic.md``). ``alternatives=k`` keeps ``k`` jumps in independent races, eac
 alternative run (batched), sharing the primal pass: it removes the part of the variance that the
 choice of jump adds, not the part that comes from the primal run.
 
+Where the program is a Markov chain, :func:`chain_derivative_estimate` takes its step function and
+so sees the state: it carries one alternative state beside the primal one and drops it once the
+two are equal, as StochasticAD.jl does; on the walk its standard deviation is StochasticAD.jl's
+(6.50 against 6.54 at n = 100).
+
 Limits (as StochasticAD.jl documents its own)
 ---------------------------------------------
 - **First derivatives only**, in forward mode: for a ``p`` with ``D`` entries the two passes run
@@ -135,6 +140,7 @@ __all__ = [
     "bernoulli",
     "binomial",
     "categorical",
+    "chain_derivative_estimate",
     "derivative_estimate",
     "derivative_estimates",
     "geometric",
@@ -893,6 +899,146 @@ def derivative_estimate(
     if estimator == "straight_through":
         return _surrogate_jacobian(f, p, key, _StraightThrough())
     return _surrogate_jacobian(f, p, key, _Gumbel(float(temperature), bool(hard), support_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Markov chains: StochasticAD.jl's pruning, with the state in view
+# --------------------------------------------------------------------------------------------
+def _where_tree(condition, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(condition, x, y), a, b)
+
+
+def _equal_tree(a, b) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(x == y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+def _is_float(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _replay_step(step, state, p_flat, key, best_call, best_index, best_target, traced: int):
+    replay = _Replay(best_call, best_index, best_target, 1)
+    with replay:
+        next_state = _call(lambda: step(state, p_flat, key))
+    if replay.traced_samplers != traced:
+        raise RuntimeError(
+            f"{_JIT_HINT} (a replayed step traced {replay.traced_samplers} sampler calls, the primal step {traced})"
+        )
+    return next_state
+
+
+def _chain_direction(step, output, state, p_flat, direction, keys, coins):
+    """One direction of ``chain_derivative_estimate``: a ``lax.scan`` carrying the primal state,
+    the tangent of its float leaves, one alternative state, whether it is alive, and its weight."""
+    leaves, treedef = jax.tree.flatten(state)
+    floats = [_is_float(leaf) for leaf in leaves]
+
+    def split(tree):
+        tree_leaves = jax.tree.leaves(tree)
+        return [x for x, f in zip(tree_leaves, floats) if f], [x for x, f in zip(tree_leaves, floats) if not f]
+
+    def join(float_leaves, other_leaves):
+        float_iter, other_iter = iter(float_leaves), iter(other_leaves)
+        return jax.tree.unflatten(treedef, [next(float_iter) if f else next(other_iter) for f in floats])
+
+    def body(carry, xs):
+        x, dx, alternative, alive, weight = carry
+        key, coin = xs
+        x_floats, x_others = split(x)
+        record = _Record(p_flat.dtype, 1)
+
+        def primal(float_leaves, q):
+            next_state = step(join(float_leaves, x_others), q, key)
+            next_floats, next_others = split(next_state)
+            return next_floats, next_others
+
+        with record:
+            (next_floats, next_others), (next_dx, _) = _call(
+                lambda: jax.jvp(primal, (x_floats, p_flat), (dx, direction), has_aux=False)
+            )
+        if record.traced_samplers == 0:
+            _check_traced(record)
+        chosen = record.read()
+        x_next = join(next_floats, next_others)
+        jumped = _replay_step(step, x, p_flat, key, chosen["best_call"][0], chosen["best_index"][0],
+                              chosen["best_target"][0], record.traced_samplers)  # fmt: skip
+        # The carried alternative goes on with the same uniforms (the inverse-CDF coupling), and
+        # drops out once it has rejoined the primal chain: from equal states the two runs agree.
+        continued = _replay_step(step, alternative, p_flat, key, jnp.int32(-1), jnp.int32(-1),
+                                 jnp.zeros((), p_flat.dtype), record.traced_samplers)  # fmt: skip
+        alive = alive & ~_equal_tree(continued, x_next)
+        rate = chosen["total_rate"]
+        total = jnp.where(alive, weight, 0.0) + rate
+        take_new = (rate > 0) & (coin * total < rate)  # the paper's pruning of two perturbations
+        keep = alive & ~take_new
+        alternative = _where_tree(take_new, jumped, _where_tree(keep, continued, x_next))
+        weight = jnp.where(take_new | keep, total, 0.0)
+        return (x_next, next_dx, alternative, take_new | keep, weight), None
+
+    dx = [jnp.zeros_like(leaf) for leaf, f in zip(leaves, floats) if f]
+    init = (state, dx, state, jnp.array(False), jnp.zeros((), p_flat.dtype))
+    (x, dx, alternative, alive, weight), _ = jax.lax.scan(body, init, (keys, coins))
+    x_floats, x_others = split(x)
+    y, dy = jax.jvp(lambda float_leaves: _output(output(join(float_leaves, x_others))), (x_floats,), (dx,))
+    if jnp.ndim(y) != 0:
+        raise ValueError(f"output(state) must return a float scalar, got shape {jnp.shape(y)}")
+    return dy + jnp.where(alive, weight * (output(alternative) - y), 0.0)
+
+
+def chain_derivative_estimate(
+    step: Callable[[Any, jax.Array, jax.Array], Any],
+    state,
+    p,
+    key: jax.Array,
+    num_steps: int,
+    output: Callable[[Any], jax.Array],
+):
+    """One stochastic-triple sample of ``d E[output(X_T)] / dp`` for a Markov chain
+    ``X_{t+1} = step(X_t, p, key_t)``, with StochasticAD.jl's pruning: lower variance than
+    :func:`derivative_estimate` of the same program where alternative paths rejoin.
+
+    ``derivative_estimate`` sees only ``f``'s output, so its race for the one kept jump runs over
+    every jump of the run, including those whose alternative path later rejoins the primal one
+    (and so contribute 0). Here the state is in view: one alternative state is carried beside the
+    primal one, stepped with the same uniforms; when it equals the primal state it is dropped with
+    its weight (from equal states the chain's futures agree); a new jump competes with it, kept
+    with probability ``rate / (weight + rate)`` and carrying the summed weight, only while it is
+    alive. Unbiased as the other estimator, measured on StochasticAD.jl's random walk
+    (``bench/results/stochastic.md``).
+
+    Args:
+        step: ``step(state, p, key) -> state``, ordinary JAX with this module's samplers (the same
+            limits as ``f`` of :func:`derivative_estimate`). The state is any pytree; its float
+            leaves carry the continuous derivative (forward mode), the others are discrete.
+        state: the initial state ``X_0`` (not differentiated).
+        p: the parameter: a float scalar, an array or a pytree (one forward pass per entry).
+        key: step ``t`` receives ``jax.random.split(key, num_steps)[t]``; the pruning's coins come
+            from ``jax.random.fold_in(key, ...)``, a separate stream.
+        num_steps: ``T``, a Python int.
+        output: ``output(X_T) -> float scalar``, differentiable in the float leaves. To
+            differentiate a sum over the steps (a return), accumulate it in the state.
+
+    Returns:
+        the estimate, with ``p``'s structure. A JAX value: jittable, ``vmap``-able over keys.
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive Python int, got {num_steps!r}")
+    p_flat, unravel = ravel_pytree(p)
+    if not jnp.issubdtype(p_flat.dtype, jnp.floating):
+        p_flat = p_flat.astype(jnp.result_type(float))
+
+    def step_flat(x, q, k):
+        return step(x, unravel(q), k)
+
+    keys = jax.random.split(key, num_steps)
+    coins = jax.random.uniform(jax.random.fold_in(key, 0x636F696E), (num_steps,), p_flat.dtype)
+    basis = jnp.eye(p_flat.size, dtype=p_flat.dtype)
+
+    def one(direction):
+        return _chain_direction(step_flat, output, state, p_flat, direction, keys, coins)
+
+    estimates = one(basis[0])[None] if p_flat.size == 1 else jax.vmap(one)(basis)
+    return unravel(estimates)
 
 
 def derivative_estimates(

@@ -576,3 +576,102 @@ def test_the_alternative_run_replays_the_primal_run_bit_for_bit():
     y, y_again, total_rate = jax.vmap(both_runs)(jax.random.split(jax.random.key(14), 512))
     assert jnp.mean(total_rate > 0) > 0.9  # jumps were offered (a saturated policy offers none)
     np.testing.assert_array_equal(y, y_again)
+
+
+# --------------------------------------------------------------------------------------------
+# Markov chains: chain_derivative_estimate (StochasticAD.jl's pruning, the state in view)
+# --------------------------------------------------------------------------------------------
+def _walk_step(x, p, key):
+    """StochasticAD.jl's walk: +1 with probability exp(-X/p), else -1."""
+    up = jnp.exp(-x / p)
+    return x + 2 * st.categorical(key, jnp.stack([1 - up, up])) - 1
+
+
+def _walk_exact_derivative(p: float, n: int) -> float:
+    """d E[X_n^2] / dp by propagating the walk's distribution over 0 .. n (float64)."""
+    x = np.arange(n + 1.0)
+    up, dup = np.exp(-x / p), np.exp(-x / p) * x / p**2
+    dist, ddist = np.eye(n + 1)[0], np.zeros(n + 1)
+    for _ in range(n):
+        new, dnew = np.zeros(n + 1), np.zeros(n + 1)
+        new[1:] += (dist * up)[:-1]
+        new[:-1] += (dist * (1 - up))[1:]
+        dnew[1:] += (ddist * up + dist * dup)[:-1]
+        dnew[:-1] += (ddist * (1 - up) - dist * dup)[1:]
+        dist, ddist = new, dnew
+    return float(ddist @ x**2)
+
+
+def test_chain_estimate_is_unbiased_on_the_walk_with_stochasticads_variance():
+    """n = 50, p = 100, 10 000 samples: within 4 standard errors of the exact derivative; its
+    per-sample std at most StochasticAD.jl's published 3.41 (+3 %, the sampling error of a std
+    from 10 000 samples is about 1 %), and below derivative_estimate's on the same walk (measured:
+    3.41 against 4.38)."""
+    n, p, samples = 50, 100.0, 10_000
+    keys = jax.random.split(jax.random.key(3), samples)
+    chain = jax.jit(jax.vmap(lambda k: st.chain_derivative_estimate(_walk_step, 0.0, p, k, n, lambda x: x**2)))
+    estimates = np.asarray(chain(keys), np.float64)
+
+    def f(q, key):
+        return jax.lax.scan(lambda x, k: (_walk_step(x, q, k), None), 0.0, jax.random.split(key, n))[0] ** 2
+
+    plain = np.asarray(jax.jit(jax.vmap(lambda k: st.derivative_estimate(f, p, k)))(keys), np.float64)
+    exact = _walk_exact_derivative(p, n)
+    se = estimates.std() / math.sqrt(samples)
+    print(f"\nchain {estimates.mean():.3f} ± {se:.3f} (std {estimates.std():.2f}); plain std {plain.std():.2f}; exact {exact:.3f}")
+    assert abs(estimates.mean() - exact) < 4 * se
+    assert estimates.std() <= 1.03 * 3.41
+    assert estimates.std() < 0.9 * plain.std()
+
+
+def test_chain_estimate_with_continuous_state_and_vector_parameter_against_enumeration():
+    """A chain with a float state that the draws push and that sets their probabilities, a pytree
+    parameter (two leaves), T = 6: the mean of 40 000 estimates is within 4 standard errors of
+    the exact gradient by enumeration of all 2^6 draw sequences, in every entry."""
+    T = 6
+    params = {"gain": jnp.float32(0.8), "push": jnp.float32(0.5)}
+
+    def transition(x, p, coin):
+        return {"level": p["gain"] * x["level"] + p["push"] * (2 * coin - 1), "count": x["count"] + coin.astype(jnp.int32)}
+
+    def step(x, p, key):
+        return transition(x, p, st.bernoulli(key, jax.nn.sigmoid(x["level"] + p["push"])))
+
+    def output(x):
+        return (x["level"] - 0.3) ** 2 + 0.1 * x["count"]
+
+    start = {"level": jnp.float32(0.2), "count": jnp.int32(0)}
+
+    def expected(p):
+        sequences = ((jnp.arange(2**T)[:, None] >> jnp.arange(T)) & 1).astype(jnp.float32)
+
+        def one(coins):
+            def body(carry, coin):
+                x, log_p = carry
+                prob = jax.nn.sigmoid(x["level"] + p["push"])
+                return (transition(x, p, coin), log_p + jnp.where(coin > 0, jnp.log(prob), jnp.log1p(-prob))), None
+
+            (x, log_p), _ = jax.lax.scan(body, (start, jnp.float32(0.0)), coins)
+            return jnp.exp(log_p) * output(x)
+
+        return jnp.sum(jax.vmap(one)(sequences))
+
+    exact, _ = ravel_pytree(jax.grad(expected)(params))
+    samples = 40_000
+    estimates = jax.jit(jax.vmap(lambda k: st.chain_derivative_estimate(step, start, params, k, T, output)))(
+        jax.random.split(jax.random.key(11), samples)
+    )
+    flat = np.asarray(jax.vmap(lambda e: ravel_pytree(e)[0])(estimates), np.float64)
+    mean, se = flat.mean(0), flat.std(0) / math.sqrt(samples)
+    print(f"\nchain {mean} ± {se}; exact {np.asarray(exact)}")
+    assert np.all(np.abs(mean - np.asarray(exact)) < 4 * se), (mean, se, exact)
+    assert set(estimates) == {"gain", "push"}
+
+
+def test_chain_estimate_errors():
+    with pytest.raises(ValueError, match="num_steps must be a positive Python int, got 0"):
+        st.chain_derivative_estimate(_walk_step, 0.0, 10.0, jax.random.key(0), 0, lambda x: x**2)
+    with pytest.raises(ValueError, match="output\\(state\\) must return a float scalar, got shape \\(2,\\)"):
+        st.chain_derivative_estimate(_walk_step, 0.0, 10.0, jax.random.key(0), 3, lambda x: jnp.stack([x, x]))
+    with pytest.raises(ValueError, match="called no sampler"):
+        st.chain_derivative_estimate(lambda x, p, k: x + p, 0.0, 10.0, jax.random.key(0), 3, lambda x: x)
