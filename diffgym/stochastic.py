@@ -954,10 +954,9 @@ def _chain_direction(step, output, state, p_flat, direction, keys, coins):
 
         with record:
             (next_floats, next_others), (next_dx, _) = _call(
-                lambda: jax.jvp(primal, (x_floats, p_flat), (dx, direction), has_aux=False)
+                lambda: jax.jvp(primal, (x_floats, p_flat), (dx, direction))
             )
-        if record.traced_samplers == 0:
-            _check_traced(record)
+        _check_traced(record)
         chosen = record.read()
         x_next = join(next_floats, next_others)
         jumped = _replay_step(step, x, p_flat, key, chosen["best_call"][0], chosen["best_index"][0],
